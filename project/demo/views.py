@@ -1,0 +1,32 @@
+from django.core.exceptions import ImproperlyConfigured
+from django.shortcuts import render
+
+from project.demo.models import Article
+
+MAX_QUERY_LENGTH = 1000
+RESULTS = 10
+
+
+def search(request):
+    """The demo's search page: a query box, ranked results with scores."""
+    query = request.GET.get("q", "").strip()[:MAX_QUERY_LENGTH]
+    topic = request.GET.get("topic", "")
+    topics = Article.objects.order_by("topic").values_list("topic", flat=True).distinct()
+    context = {
+        "query": query,
+        "topic": topic,
+        "topics": list(topics),
+        "results": [],
+        "total": Article.objects.count(),
+        "embedded": Article.objects.filter(embedding__isnull=False).count(),
+        "error": "",
+    }
+    if query:
+        articles = Article.objects.all()
+        if topic:
+            articles = articles.filter(topic=topic)
+        try:
+            context["results"] = list(articles.semantic_search(query, k=RESULTS).defer("embedding"))
+        except ImproperlyConfigured as exc:
+            context["error"] = str(exc)
+    return render(request, "demo/search.html", context)

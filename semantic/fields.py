@@ -1,0 +1,296 @@
+"""
+EmbeddingField: a pgvector column kept in step with some text of its row.
+
+::
+
+    class Article(models.Model):
+        title = models.CharField(max_length=200)
+        body = models.TextField()
+        embedding = EmbeddingField(source=["title", "body"])
+
+        objects = SemanticManager()
+
+        class Meta:
+            indexes = [HnswIndex(name="article_embedding_hnsw", fields=["embedding"],
+                                 opclasses=["vector_cosine_ops"])]
+
+The field adds two hidden columns beside the vector:
+
+* ``<name>_source_hash``: fingerprint + sha256 of the row's current source
+  text, written by every save (no model is loaded for it);
+* ``<name>_vector_hash``: the same value for the text the stored vector was
+  computed from, written only by the worker together with the vector.
+
+A row is stale when the two differ, or when its hashes carry the fingerprint
+of another encoder configuration. Staleness lives in PostgreSQL, so no broker
+outage can lose work. The vector and its hash are owned by the worker: an
+ordinary ``save()`` of an existing row leaves both as they are in the
+database, so a save made from an instance loaded before the worker finished
+never rolls a vector back.
+"""
+
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.db import models
+from django.db.models import F
+from pgvector.django import VectorField
+
+from semantic.conf import semantic_settings
+from semantic.encoders import HASH_LENGTH, clean_text, get_encoder
+
+SOURCE_SEPARATOR = "\n\n"
+
+
+class EmbeddingHashField(models.CharField):
+    """A hidden hash column added by EmbeddingField.
+
+    Migrations list it as a field of its own; when such a migration state is
+    rendered, EmbeddingField has already added it, so adding it twice is
+    skipped here.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("max_length", HASH_LENGTH)
+        kwargs.setdefault("null", True)
+        kwargs.setdefault("blank", True)
+        kwargs["editable"] = False
+        super().__init__(*args, **kwargs)
+
+    def contribute_to_class(self, cls, name, **kwargs):
+        if any(field.name == name for field in cls._meta.local_fields):
+            return
+        super().contribute_to_class(cls, name, **kwargs)
+
+    def deconstruct(self):
+        name, path, args, kwargs = super().deconstruct()
+        kwargs.pop("editable", None)
+        return name, path, args, kwargs
+
+
+class VectorHashField(EmbeddingHashField):
+    """Hash of the text the stored vector came from; written by the worker."""
+
+    def __init__(self, *args, embedding_field_name=None, **kwargs):
+        self.embedding_field_name = embedding_field_name
+        super().__init__(*args, **kwargs)
+
+    def pre_save(self, model_instance, add):
+        field = _embedding_field_of(model_instance, self.embedding_field_name)
+        return field.worker_owned_value(model_instance, self.attname, add) if field else super().pre_save(model_instance, add)
+
+    def deconstruct(self):
+        name, path, args, kwargs = super().deconstruct()
+        kwargs["embedding_field_name"] = self.embedding_field_name
+        return name, path, args, kwargs
+
+
+def _embedding_field_of(instance, name):
+    try:
+        field = instance._meta.get_field(name)
+    except Exception:
+        return None
+    return field if isinstance(field, EmbeddingField) else None
+
+
+class EmbeddingField(VectorField):
+    """A vector computed by a background worker from ``source``.
+
+    ``source`` is a field or attribute name, a list of them (joined with blank
+    lines, empty ones skipped; a name of a method is called), or a callable
+    taking the instance and returning the text. ``model`` names an alias in
+    ``SEMANTIC["MODELS"]``. ``dimensions`` defaults to that alias's declared
+    dimensions. A row whose text is empty or whitespace-only has no vector.
+    """
+
+    description = "Embedding of the row's text (pgvector)"
+
+    def __init__(self, *args, source=None, model="default", dimensions=None, **kwargs):
+        self.source = source
+        self.model_alias = model
+        if dimensions is None:
+            dimensions = _declared_dimensions(model)
+        kwargs.setdefault("null", True)
+        kwargs.setdefault("blank", True)
+        kwargs["editable"] = False
+        super().__init__(*args, dimensions=dimensions, **kwargs)
+
+    # --- model wiring -------------------------------------------------------
+
+    @property
+    def source_hash_attname(self):
+        return f"{self.name}_source_hash"
+
+    @property
+    def vector_hash_attname(self):
+        return f"{self.name}_vector_hash"
+
+    def contribute_to_class(self, cls, name, **kwargs):
+        super().contribute_to_class(cls, name, **kwargs)
+        if cls._meta.abstract:
+            # Concrete children receive copies of this field and add the
+            # hash columns to themselves.
+            return
+        EmbeddingHashField().contribute_to_class(cls, f"{name}_source_hash")
+        VectorHashField(embedding_field_name=name).contribute_to_class(cls, f"{name}_vector_hash")
+
+    def deconstruct(self):
+        # source and model are behaviour, not schema: leaving them out keeps
+        # migrations free of callables and of churn when they change.
+        name, path, args, kwargs = super().deconstruct()
+        kwargs.pop("editable", None)
+        if kwargs.get("null") is True:
+            del kwargs["null"]
+        if kwargs.get("blank") is True:
+            del kwargs["blank"]
+        return name, path, args, kwargs
+
+    @property
+    def encoder(self):
+        return get_encoder(self.model_alias)
+
+    # --- text and hashing ---------------------------------------------------
+
+    def source_names(self):
+        """The attribute names the text is built from ([] for a callable)."""
+        if isinstance(self.source, str):
+            return [self.source]
+        if isinstance(self.source, (list, tuple)):
+            return list(self.source)
+        return []
+
+    def build_text(self, instance):
+        """The cleaned source text of ``instance`` ('' when it has none)."""
+        if self.source is None:
+            return ""
+        if callable(self.source):
+            value = self.source(instance)
+            return clean_text("" if value is None else str(value))
+        parts = []
+        for name in self.source_names():
+            value = getattr(instance, name)
+            if callable(value):
+                value = value()
+            if value is None:
+                continue
+            value = clean_text(str(value))
+            if value:
+                parts.append(value)
+        return SOURCE_SEPARATOR.join(parts)
+
+    def compute_source_hash(self, instance):
+        """The hash the row should carry now, or None when it has no text."""
+        text = self.build_text(instance)
+        return self.encoder.text_hash(text) if text else None
+
+    def pre_save(self, model_instance, add):
+        if self.source is not None:
+            setattr(model_instance, self.source_hash_attname, self.compute_source_hash(model_instance))
+        return self.worker_owned_value(model_instance, self.attname, add)
+
+    def worker_owned_value(self, instance, attname, add):
+        """What a save writes to the vector or its hash column.
+
+        A row without text has neither. Otherwise an insert writes what the
+        instance holds (normally nothing) and an update keeps the database's
+        value: only the worker writes vectors.
+        """
+        if getattr(instance, self.source_hash_attname) is None:
+            setattr(instance, attname, None)
+            return None
+        if add:
+            return getattr(instance, attname)
+        return F(attname)
+
+    # --- checks ---------------------------------------------------------------
+
+    def check(self, **kwargs):
+        return [*super().check(**kwargs), *self._check_source(), *self._check_model()]
+
+    def _check_source(self):
+        if self.source is None:
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} has no source.",
+                    hint="Pass source=['title', 'body'] (field or attribute names) or a callable.",
+                    obj=self,
+                    id="semantic.E001",
+                )
+            ]
+        if callable(self.source):
+            return []
+        if not self.source_names() or not all(isinstance(n, str) for n in self.source_names()):
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} source must be a name, a list of names or a callable.",
+                    obj=self,
+                    id="semantic.E001",
+                )
+            ]
+        missing = [n for n in self.source_names() if not _has_attribute(self.model, n)]
+        if missing:
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} source names missing attribute(s): {', '.join(missing)}.",
+                    hint=f"Each source must be a field, property or method of {self.model.__name__}.",
+                    obj=self,
+                    id="semantic.E001",
+                )
+            ]
+        return []
+
+    def _check_model(self):
+        try:
+            config = semantic_settings.model_config(self.model_alias)
+        except ImproperlyConfigured as exc:
+            return [checks.Error(str(exc), hint="Add the alias to SEMANTIC['MODELS'].", obj=self, id="semantic.E002")]
+        if self.dimensions is None:
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} has no dimensions.",
+                    hint=f"Pass dimensions=N, or declare 'dimensions' for model alias {self.model_alias!r}.",
+                    obj=self,
+                    id="semantic.E003",
+                )
+            ]
+        if config["dimensions"] is not None and config["dimensions"] != self.dimensions:
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} has {self.dimensions} dimensions but model alias "
+                    f"{self.model_alias!r} makes {config['dimensions']}-dimensional vectors.",
+                    hint="Make the field's dimensions match the model, then make a migration.",
+                    obj=self,
+                    id="semantic.E004",
+                )
+            ]
+        return []
+
+    def verify_encoder(self):
+        """Raise ImproperlyConfigured unless the loaded model fits this column."""
+        actual = self.encoder.model.get_embedding_dimension()
+        if actual != self.dimensions:
+            raise ImproperlyConfigured(
+                f"{self.model._meta.label}.{self.name} has {self.dimensions} dimensions but model alias "
+                f"{self.model_alias!r} makes {actual}-dimensional vectors. Make the field's dimensions "
+                f"match the model, then make a migration."
+            )
+
+
+def _declared_dimensions(alias):
+    try:
+        return semantic_settings.model_config(alias)["dimensions"]
+    except ImproperlyConfigured:
+        # Reported by the field's system check (semantic.E002), not at import.
+        return None
+
+
+def _has_attribute(model, name):
+    try:
+        model._meta.get_field(name)
+        return True
+    except Exception:
+        return hasattr(model, name)
+
+
+def embedding_fields(model):
+    """The EmbeddingFields of a model class, in declaration order."""
+    return [f for f in model._meta.get_fields() if isinstance(f, EmbeddingField)]

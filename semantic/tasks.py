@@ -1,0 +1,221 @@
+"""
+Celery tasks: claim stale rows, encode them in batches, write the vectors back.
+
+A claim is a transaction that takes a transaction-scoped advisory lock per
+row with ``pg_try_advisory_xact_lock``, skipping rows another worker holds
+(the same effect as ``FOR UPDATE SKIP LOCKED``) while taking *no* row lock:
+a user saving a row that is being encoded is never blocked by the worker.
+The locks vanish with the transaction, so a killed worker leaves nothing
+claimed. The write-back only touches rows whose source hash is still the one
+that was encoded; a row edited meanwhile stays stale and is encoded again.
+"""
+
+import logging
+import time
+import zlib
+
+from celery import shared_task
+from celery.signals import worker_process_init, worker_ready
+from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections, transaction
+
+from semantic import cache as embedding_cache
+from semantic.conf import semantic_settings
+from semantic.fields import EmbeddingField
+from semantic.signals import enqueue_embedding, release_wake_key
+
+logger = logging.getLogger("semantic")
+
+
+def resolve_field(model_label, field_name):
+    """The EmbeddingField named by a task's arguments, or a clear error."""
+    try:
+        model = apps.get_model(model_label)
+    except (LookupError, ValueError) as exc:
+        raise ImproperlyConfigured(f"Unknown model {model_label!r}.") from exc
+    field = next((f for f in model._meta.get_fields() if f.name == field_name), None)
+    if not isinstance(field, EmbeddingField):
+        raise ImproperlyConfigured(f"{model_label}.{field_name} is not an EmbeddingField.")
+    return field
+
+
+def _lock_namespace(field):
+    """A stable int4 per (table, field) for the advisory lock's first key."""
+    value = zlib.crc32(f"{field.model._meta.db_table}.{field.column}".encode())
+    return value - 2**32 if value >= 2**31 else value
+
+
+class StaleRows:
+    """SQL for one embedding field's stale rows (the write path's queries)."""
+
+    def __init__(self, field, using):
+        self.field = field
+        self.using = using
+        self.connection = connections[using]
+        meta = field.model._meta
+        qn = self.connection.ops.quote_name
+        self.table = qn(meta.db_table)
+        self.pk = qn(meta.pk.column)
+        self.pk_type = meta.pk.db_type(self.connection)
+        self.vector = qn(field.column)
+        self.source_hash = qn(meta.get_field(field.source_hash_attname).column)
+        self.vector_hash = qn(meta.get_field(field.vector_hash_attname).column)
+
+    def predicate(self):
+        """SQL and params true for a stale row.
+
+        Stale: has text, and its vector is missing, made from another text,
+        or made (or hashed) under another encoder fingerprint.
+        """
+        fingerprint = self.field.encoder.fingerprint
+        sql = (
+            f"{self.source_hash} IS NOT NULL AND ({self.vector_hash} IS NULL"
+            f" OR {self.vector_hash} <> {self.source_hash}"
+            f" OR left({self.source_hash}, %s) <> %s)"
+        )
+        return sql, [len(fingerprint), fingerprint]
+
+    def claim(self, limit):
+        """Lock up to ``limit`` stale rows for this transaction; returns {pk: source_hash}."""
+        predicate, params = self.predicate()
+        # OFFSET 0 keeps the stale filter inside the subquery, so locks are
+        # tried only on stale rows; no ORDER BY, so the scan stops at LIMIT.
+        sql = (
+            f"SELECT pk, source_hash FROM ("
+            f"SELECT {self.pk} AS pk, {self.source_hash} AS source_hash FROM {self.table}"
+            f" WHERE {predicate} OFFSET 0) AS stale"
+            f" WHERE pg_try_advisory_xact_lock(%s, hashtext(pk::text)) LIMIT %s"
+        )
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, [*params, _lock_namespace(self.field), limit])
+            return dict(cursor.fetchall())
+
+    def count(self):
+        predicate, params = self.predicate()
+        with self.connection.cursor() as cursor:
+            cursor.execute(f"SELECT count(*) FROM {self.table} WHERE {predicate}", params)
+            return cursor.fetchone()[0]
+
+    def write(self, rows):
+        """Write (pk, claimed_hash, new_hash, vector_text_or_None) rows; returns rows updated.
+
+        A row is written only if its source hash still equals the claimed
+        one. ``new_hash`` None clears the row (its text became empty).
+        """
+        if not rows:
+            return 0
+        values = ", ".join([f"(CAST(%s AS {self.pk_type}), %s, %s, CAST(%s AS vector))"] * len(rows))
+        params = [value for row in rows for value in row]
+        sql = (
+            f"UPDATE {self.table} AS t SET {self.vector} = v.vec,"
+            f" {self.vector_hash} = v.new_hash, {self.source_hash} = v.new_hash"
+            f" FROM (VALUES {values}) AS v(pk, claimed, new_hash, vec)"
+            f" WHERE t.{self.pk} = v.pk AND t.{self.source_hash} IS NOT DISTINCT FROM v.claimed"
+        )
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.rowcount
+
+
+def embed_batch(field, using="default", batch_size=None):
+    """Claim, encode and write back one batch. Returns (claimed, written).
+
+    Texts found in the hashed-text cache are not encoded; the rest are encoded
+    in one ``encode()`` call, shortest first so padding is minimal.
+    """
+    from pgvector import Vector
+
+    batch_size = batch_size or semantic_settings.BATCH_SIZE
+    stale = StaleRows(field, using)
+    encoder = field.encoder
+    with transaction.atomic(using=using):
+        claimed = stale.claim(batch_size)
+        if not claimed:
+            return 0, 0
+        instances = field.model._base_manager.using(using).in_bulk(list(claimed))
+        texts = {pk: field.build_text(obj) for pk, obj in instances.items()}
+        hashes = {pk: encoder.text_hash(text) for pk, text in texts.items() if text}
+        vectors = embedding_cache.get_vectors(sorted(set(hashes.values())))
+        missing = sorted({h: texts[pk] for pk, h in hashes.items() if h not in vectors}.items(), key=lambda kv: len(kv[1]))
+        if missing:
+            field.verify_encoder()
+            encoded = encoder.encode([text for _, text in missing])
+            fresh = {h: vector for (h, _), vector in zip(missing, encoded)}
+            embedding_cache.set_vectors(fresh)
+            vectors.update(fresh)
+        rows = []
+        for pk in instances:
+            new_hash = hashes.get(pk)
+            vector = Vector._to_db(vectors[new_hash]) if new_hash else None
+            rows.append((pk, claimed[pk], new_hash, vector))
+        written = stale.write(rows)
+    return len(claimed), written
+
+
+def embed_stale_rows(field, using="default", *, time_budget=None, batch_size=None):
+    """Embed stale rows of ``field`` until none can be claimed or time runs out.
+
+    Returns a dict with the rows claimed and written and whether work was
+    left over because the time budget ran out.
+    """
+    deadline = time.monotonic() + (time_budget if time_budget is not None else semantic_settings.TASK_TIME_BUDGET)
+    totals = {"claimed": 0, "written": 0, "out_of_time": False}
+    while True:
+        claimed, written = embed_batch(field, using, batch_size)
+        totals["claimed"] += claimed
+        totals["written"] += written
+        if not claimed:
+            return totals
+        if time.monotonic() >= deadline:
+            totals["out_of_time"] = True
+            return totals
+
+
+@shared_task(name="semantic.embed_stale", acks_late=True, ignore_result=True)
+def embed_stale(model_label, field_name, using="default"):
+    """Embed every stale row of one (model, field); the coalesced wake-up target."""
+    field = resolve_field(model_label, field_name)
+    totals = embed_stale_rows(field, using)
+    if totals["out_of_time"]:
+        enqueue_embedding(field.model, field_name, using, force=True)
+    else:
+        # Clear the coalescing key, then look once more: a save that found
+        # the key set between our last claim and now enqueued nothing.
+        release_wake_key(field.model, field_name, using)
+        more = embed_stale_rows(field, using)
+        totals["claimed"] += more["claimed"]
+        totals["written"] += more["written"]
+        if more["out_of_time"]:
+            enqueue_embedding(field.model, field_name, using, force=True)
+    logger.info("semantic: %s.%s embedded %d row(s)", model_label, field_name, totals["written"])
+    return totals
+
+
+def warm_up():
+    """Load every encoder some EmbeddingField uses, so the first task is not slow."""
+    from semantic.fields import embedding_fields
+
+    aliases = {field.model_alias for model in apps.get_models() for field in embedding_fields(model)}
+    for alias in sorted(aliases):
+        try:
+            from semantic.encoders import get_encoder
+
+            get_encoder(alias).model
+        except Exception:
+            logger.exception("semantic: could not load model %r at worker start", alias)
+
+
+@worker_process_init.connect
+def _warm_up_pool_process(**kwargs):
+    if semantic_settings.WARM_UP:
+        warm_up()
+
+
+@worker_ready.connect
+def _warm_up_worker(sender=None, **kwargs):
+    # Prefork children warm themselves (above); loading in the parent would
+    # only waste memory. Solo and thread pools run tasks in this process.
+    pool = getattr(sender, "pool", None)
+    if semantic_settings.WARM_UP and "prefork" not in type(pool).__module__:
+        warm_up()
