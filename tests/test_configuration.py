@@ -1,0 +1,189 @@
+"""Declarations and settings: bad input gets a clear error, devices are chosen by configuration."""
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.db import models
+from django.test import override_settings
+from django.test.utils import isolate_apps
+
+from semantic import EmbeddingField
+from semantic.conf import semantic_settings
+from semantic.encoders import Encoder, get_encoder, resolve_device
+from semantic.tasks import embed_batch
+from tests.testapp.models import MismatchedNote, Note
+
+
+def check_ids(model):
+    return [error.id for error in model.check()]
+
+
+@isolate_apps("tests.testapp")
+def test_source_naming_a_missing_attribute_is_reported():
+    class Broken(models.Model):
+        class Meta:
+            app_label = "testapp"
+
+        title = models.CharField(max_length=10)
+        embedding = EmbeddingField(source=["title", "summary"], model="tiny")
+
+    errors = [e for e in Broken.check() if e.id == "semantic.E001"]
+    assert len(errors) == 1 and "summary" in errors[0].msg
+
+
+@isolate_apps("tests.testapp")
+def test_source_may_name_fields_properties_methods_or_be_a_callable():
+    class Fine(models.Model):
+        class Meta:
+            app_label = "testapp"
+
+        title = models.CharField(max_length=10)
+        embedding = EmbeddingField(source=["title", "label", "describe"], model="tiny")
+        other = EmbeddingField(source=lambda obj: obj.title.upper(), model="tiny")
+
+        @property
+        def label(self):
+            return "label"
+
+        def describe(self):
+            return "described"
+
+    assert not [i for i in check_ids(Fine) if i.startswith("semantic")]
+    obj = Fine(title="t")
+    assert Fine._meta.get_field("embedding").build_text(obj) == "t\n\nlabel\n\ndescribed"
+    assert Fine._meta.get_field("other").build_text(obj) == "T"
+
+
+@isolate_apps("tests.testapp")
+def test_unknown_model_alias_is_reported_not_raised_at_import():
+    class Unknown(models.Model):
+        class Meta:
+            app_label = "testapp"
+
+        text = models.TextField()
+        embedding = EmbeddingField(source="text", model="nonexistent", dimensions=8)
+
+    errors = [e for e in Unknown.check() if e.id == "semantic.E002"]
+    assert len(errors) == 1 and "'nonexistent'" in errors[0].msg and "default" in errors[0].msg
+    with pytest.raises(ImproperlyConfigured, match="Unknown semantic model alias 'nonexistent'"):
+        get_encoder("nonexistent")
+
+
+@isolate_apps("tests.testapp")
+def test_declared_dimension_mismatch_is_reported_by_checks():
+    class Wrong(models.Model):
+        class Meta:
+            app_label = "testapp"
+
+        text = models.TextField()
+        embedding = EmbeddingField(source="text", model="tiny", dimensions=16)
+
+    errors = [e for e in Wrong.check() if e.id == "semantic.E004"]
+    assert len(errors) == 1 and "16" in errors[0].msg and "32" in errors[0].msg
+
+
+@pytest.mark.django_db
+def test_model_dimension_mismatch_found_on_load_is_a_clear_error():
+    MismatchedNote.objects.create(text="a sixteen-dimensional column cannot hold this")
+    with pytest.raises(ImproperlyConfigured, match=r"MismatchedNote.embedding has 16 dimensions .* 32-dimensional"):
+        embed_batch(MismatchedNote._meta.get_field("embedding"))
+    assert MismatchedNote.objects.get().embedding is None
+
+
+@pytest.mark.django_db
+def test_saving_never_loads_a_model():
+    from semantic.encoders import clear_encoders
+
+    clear_encoders()
+    note = Note.objects.create(title="Saved without any model", body="hashing only")
+    assert note.embedding_source_hash.startswith(get_encoder("tiny").fingerprint)
+    assert not get_encoder("tiny").is_loaded
+
+
+def test_misspelt_settings_key_is_a_clear_error():
+    with override_settings(SEMANTIC={"BATCH_SIZ": 8}):
+        with pytest.raises(ImproperlyConfigured, match="Unknown key.*BATCH_SIZ"):
+            semantic_settings.BATCH_SIZE
+    from semantic.checks import check_settings
+
+    with override_settings(SEMANTIC={"BATCH_SIZE": 0}):
+        assert [e.id for e in check_settings()] == ["semantic.E010"]
+
+
+def test_model_entry_needs_exactly_one_location():
+    with override_settings(SEMANTIC={"MODELS": {"default": {"dimensions": 3}}}):
+        with pytest.raises(ImproperlyConfigured, match="exactly one of 'path'"):
+            semantic_settings.model_config("default")
+
+
+def test_hub_name_that_is_not_available_offline_is_a_clear_error():
+    with override_settings(SEMANTIC={"MODELS": {"hub": {"path": "sentence-transformers/not-downloaded-here"}}}):
+        with pytest.raises(ImproperlyConfigured, match="Cannot load semantic model 'hub'"):
+            get_encoder("hub").model
+
+
+@pytest.mark.parametrize(
+    "requested, cuda, mps, expected",
+    [
+        ("auto", True, True, "cuda"),
+        ("auto", False, True, "mps"),
+        ("auto", False, False, "cpu"),
+        ("cpu", True, True, "cpu"),
+        ("cuda:1", False, False, "cuda:1"),
+    ],
+)
+def test_device_choice(requested, cuda, mps, expected):
+    assert resolve_device(requested, cuda_available=cuda, mps_available=mps) == expected
+
+
+def test_configured_cpu_device_loads_on_cpu():
+    assert semantic_settings.DEVICE == "cpu"
+    assert get_encoder("tiny").model.device.type == "cpu"
+
+
+def test_fingerprint_covers_everything_that_changes_vectors(settings):
+    base = {"path": str(settings.TINY_MODEL_DIR), "dimensions": 32}
+    variants = [
+        {},
+        {"document_prefix": "passage: "},
+        {"normalize": False},
+        {"max_seq_length": 64},
+        {"revision": "v2"},
+    ]
+    fingerprints = set()
+    for variant in variants:
+        with override_settings(SEMANTIC={"MODELS": {"m": {**base, **variant}}}):
+            fingerprints.add(Encoder("m").fingerprint)
+    assert len(fingerprints) == len(variants)
+    with override_settings(SEMANTIC={"MODELS": {"m": {**base, "query_prefix": "query: "}}}):
+        encoder = Encoder("m")
+        assert encoder.text_hash("x") != encoder.text_hash("x", query=True)
+
+
+def test_model_identity_follows_the_files_not_the_path(tmp_path, settings):
+    import shutil
+
+    from semantic.encoders import model_identity
+
+    copy = shutil.copytree(settings.TINY_MODEL_DIR, tmp_path / "copy")
+    assert model_identity(copy) == model_identity(settings.TINY_MODEL_DIR)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # a retrained model: same size, other trained values
+    weights.write_bytes(bytes(data))
+    assert model_identity(copy) != model_identity(settings.TINY_MODEL_DIR)
+
+
+@pytest.mark.django_db
+def test_switching_the_model_configuration_makes_rows_stale(settings):
+    from semantic.tasks import StaleRows
+
+    field = Note._meta.get_field("embedding")
+    note = Note.objects.create(title="Embedded under one configuration")
+    embed_batch(field)
+    assert StaleRows(field, "default").count() == 0
+    changed = {**settings.SEMANTIC, "MODELS": {**settings.SEMANTIC["MODELS"], "tiny": {**settings.SEMANTIC["MODELS"]["tiny"], "document_prefix": "passage: "}}}
+    with override_settings(SEMANTIC=changed):
+        assert StaleRows(field, "default").count() == 1
+        embed_batch(field)
+        assert StaleRows(field, "default").count() == 0
+        assert Note.objects.get(pk=note.pk).embedding_vector_hash.startswith(field.encoder.fingerprint)

@@ -1,0 +1,35 @@
+from django.db import models
+
+from semantic import EmbeddingField, SemanticManager
+
+
+class Note(models.Model):
+    """Pipeline tests: a tiny random model keeps encoding fast."""
+
+    title = models.CharField(max_length=200)
+    body = models.TextField(blank=True, null=True)
+    category = models.CharField(max_length=20, default="general")
+
+    embedding = EmbeddingField(source=["title", "body"], model="tiny")
+
+    objects = SemanticManager()
+
+
+class SupportAnswer(models.Model):
+    """Meaning tests: the real packaged all-MiniLM-L6-v2."""
+
+    text = models.TextField()
+
+    embedding = EmbeddingField(source="text")
+
+    objects = SemanticManager()
+
+
+class MismatchedNote(models.Model):
+    """A 16-dimensional column over a 32-dimensional model."""
+
+    text = models.TextField()
+
+    embedding = EmbeddingField(source="text", model="tiny_undeclared", dimensions=16)
+
+    objects = SemanticManager()
