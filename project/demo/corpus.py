@@ -7,6 +7,7 @@ imported (one prints on import, another goes online).
 
 import importlib.util
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 
@@ -26,11 +27,14 @@ def corpus_dir():
 
 
 def iter_articles(limit=None):
-    """Articles in a fixed order (topic, then file name), at most ``limit``."""
-    files = sorted(corpus_dir().glob("*/*.txt"))
-    for count, path in enumerate(files):
-        if limit is not None and count >= limit:
-            return
+    """Articles in a fixed order, at most ``limit``.
+
+    Topics are interleaved (the first article of each topic, then the second
+    of each, ...) so that a limited load still covers every topic.
+    """
+    by_topic = [sorted(folder.glob("*.txt")) for folder in sorted(p for p in corpus_dir().iterdir() if p.is_dir())]
+    interleaved = [path for group in zip_longest(*by_topic) for path in group if path is not None]
+    for path in interleaved[:limit]:
         text = path.read_text(encoding="utf-8", errors="replace")
         title, _, body = text.strip().partition("\n")
         yield CorpusArticle(

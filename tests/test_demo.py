@@ -1,0 +1,57 @@
+"""The demo app: corpus loading, the worker embedding it, the search page."""
+
+import pytest
+from django.core.management import call_command
+
+from project.demo.corpus import iter_articles
+from project.demo.models import Article
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_corpus_is_read_from_the_installed_wheel():
+    articles = list(iter_articles(limit=5))
+    assert len(articles) == 5
+    assert all(a.title and a.body and "\n" not in a.title for a in articles)
+    assert sum(1 for _ in iter_articles()) == 2225
+
+
+@pytest.fixture
+def demo_articles(celery_worker):
+    call_command("load_demo_corpus", limit=12, verbosity=0)
+    call_command("load_demo_corpus", limit=12, verbosity=0)  # idempotent
+    assert Article.objects.count() == 12
+    wait_until(lambda: not Article.objects.filter(embedding=None).exists(), timeout=120, message="demo articles embedded")
+    return Article.objects.all()
+
+
+def test_search_page_ranks_the_matching_article_first(client, demo_articles):
+    target = demo_articles.get(source_file="business/001.txt")
+    response = client.get("/", {"q": target.title})
+    assert response.status_code == 200
+    results = response.context["results"]
+    assert results[0].pk == target.pk
+    assert results[0].score > results[-1].score
+    assert f"{results[0].score:.3f}" in response.content.decode()
+
+
+@pytest.mark.parametrize("query", ["", "x" * 10_000, "'; DROP TABLE demo_article; --"])
+def test_search_page_survives_odd_queries(client, demo_articles, query):
+    response = client.get("/", {"q": query})
+    assert response.status_code == 200
+    assert Article.objects.count() == 12
+
+
+def test_search_page_filters_by_topic(client, demo_articles):
+    response = client.get("/", {"q": "company profits", "topic": "business"})
+    assert response.status_code == 200
+    results = response.context["results"]
+    assert results and {a.topic for a in results} == {"business"}
+    assert Article.objects.exclude(topic="business").exists()
+
+
+def test_admin_lists_articles(admin_client, demo_articles):
+    response = admin_client.get("/admin/demo/article/")
+    assert response.status_code == 200
+    assert demo_articles.first().title in response.content.decode()
