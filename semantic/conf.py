@@ -29,8 +29,14 @@ DEFAULTS = {
     # "auto" picks CUDA, then Apple MPS, then the CPU. Any torch device string
     # ("cpu", "cuda", "cuda:1", "mps") forces one.
     "DEVICE": "auto",
-    # Texts per encode() call, and rows claimed per worker transaction.
+    # Texts per encode() call, and rows claimed per worker transaction: an
+    # int, or a dict by device type, e.g. {"cuda": 256, "cpu": 64} (a type
+    # missing from the dict uses "default", else 64). On CUDA an
+    # out-of-memory error halves the batch and retries, down to 1.
     "BATCH_SIZE": 64,
+    # Encode in half precision on CUDA: about twice the throughput, and
+    # cosine rankings are unchanged to ~3 decimals.
+    "CUDA_FP16": True,
     # Django cache alias for the hashed-text embedding cache and for the
     # short-lived keys that coalesce wake-ups; None disables both.
     "CACHE_ALIAS": "default",

@@ -58,6 +58,65 @@ def resolve_device(requested, *, cuda_available=None, mps_available=None):
     return "cpu"
 
 
+def batch_size_for(device, setting=None):
+    """The configured batch size for a torch device string ("cuda:0" -> "cuda")."""
+    setting = semantic_settings.BATCH_SIZE if setting is None else setting
+    if isinstance(setting, dict):
+        kind = device.split(":", 1)[0]
+        return int(setting.get(kind, setting.get("default", 64)))
+    return int(setting)
+
+
+def is_out_of_memory(exc):
+    """Whether ``exc`` is an accelerator out-of-memory error."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def encode_with_backoff(encode, texts, batch_size, *, on_out_of_memory=None):
+    """Encode ``texts`` in batches, halving the batch on out-of-memory errors.
+
+    ``encode(batch_texts, batch_size)`` returns one vector per text. A batch
+    that runs out of memory is retried at half the size, down to single
+    texts; a single text that still does not fit is given up (None in the
+    result, its index in the returned failure list) and the rest proceed.
+    Returns ``(vectors, failed_indices)``; other errors propagate.
+    """
+    vectors = [None] * len(texts)
+    failed = []
+    position = 0
+    size = max(1, batch_size)
+    while position < len(texts):
+        chunk = texts[position : position + size]
+        try:
+            encoded = encode(chunk, size)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if on_out_of_memory is not None:
+                on_out_of_memory()
+            if size > 1:
+                size //= 2
+                logger.warning("semantic: out of memory; retrying with batch size %d", size)
+                continue
+            logger.error(
+                "semantic: out of memory encoding one text of %d characters even alone; it stays stale",
+                len(chunk[0]),
+            )
+            failed.append(position)
+            position += 1
+            continue
+        vectors[position : position + len(chunk)] = list(encoded)
+        position += len(chunk)
+    return vectors, failed
+
+
 def model_location(config):
     """The path or hub id SentenceTransformer should load for ``config``."""
     if config["package"]:
@@ -186,6 +245,8 @@ class Encoder:
             ) from exc
         if self.config["max_seq_length"]:
             model.max_seq_length = self.config["max_seq_length"]
+        if device.startswith("cuda") and semantic_settings.CUDA_FP16:
+            model.half()
         actual = model.get_embedding_dimension()
         declared = self.config["dimensions"]
         if declared is not None and declared != actual:
@@ -201,18 +262,43 @@ class Encoder:
         return self.config["dimensions"] or self.model.get_embedding_dimension()
 
     def encode(self, texts, *, query=False, batch_size=None):
-        """Encode cleaned texts in one call; returns a float32 array (n, dims)."""
-        prefix = self.config["query_prefix" if query else "document_prefix"]
+        """Encode cleaned texts; returns ``(vectors, failed_indices)``.
+
+        ``vectors`` holds one float32 array per text, None for a text that
+        could not be encoded even alone because the device ran out of memory
+        (see encode_with_backoff).
+        """
         from semantic import cache
 
-        cache.incr_stats(encode_calls=1, texts_encoded=len(texts))
-        return self.model.encode(
-            [prefix + text for text in texts],
-            batch_size=batch_size or semantic_settings.BATCH_SIZE,
-            normalize_embeddings=bool(self.config["normalize"]),
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        ).astype("float32", copy=False)
+        prefix = self.config["query_prefix" if query else "document_prefix"]
+        model = self.model
+        device = str(model.device)
+
+        def run(batch, size):
+            cache.incr_stats(encode_calls=1)
+            return model.encode(
+                [prefix + text for text in batch],
+                batch_size=size,
+                normalize_embeddings=bool(self.config["normalize"]),
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            ).astype("float32", copy=False)
+
+        vectors, failed = encode_with_backoff(
+            run,
+            texts,
+            batch_size or batch_size_for(device),
+            on_out_of_memory=_release_accelerator_memory,
+        )
+        cache.incr_stats(texts_encoded=len(texts) - len(failed))
+        return vectors, failed
+
+
+def _release_accelerator_memory():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 _encoders = {}

@@ -30,7 +30,7 @@ never rolls a vector back.
 """
 
 from django.core import checks
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import models
 from django.db.models import F
 from pgvector.django import VectorField
@@ -39,6 +39,10 @@ from semantic.conf import semantic_settings
 from semantic.encoders import HASH_LENGTH, clean_text, get_encoder
 
 SOURCE_SEPARATOR = "\n\n"
+# A source hash that matches no text: the row is stale and the worker
+# re-hashes its text. Written where the new text is not known in Python
+# (QuerySet.update, mark_stale, raw SQL: SET <field>_source_hash = 'stale').
+STALE_MARKER = "stale"
 
 
 class EmbeddingHashField(models.CharField):
@@ -87,7 +91,7 @@ class VectorHashField(EmbeddingHashField):
 def _embedding_field_of(instance, name):
     try:
         field = instance._meta.get_field(name)
-    except Exception:
+    except FieldDoesNotExist:
         return None
     return field if isinstance(field, EmbeddingField) else None
 
@@ -157,6 +161,22 @@ class EmbeddingField(VectorField):
         if isinstance(self.source, (list, tuple)):
             return list(self.source)
         return []
+
+    def touched_by(self, field_names):
+        """Whether writing ``field_names`` may change this field's text."""
+        if callable(self.source):
+            return True
+        names = set(field_names)
+        for name in self.source_names():
+            if name in names:
+                return True
+            try:
+                if self.model._meta.get_field(name).attname in names:
+                    return True
+            except FieldDoesNotExist:
+                # A property or method: it may read any field.
+                return True
+        return False
 
     def build_text(self, instance):
         """The cleaned source text of ``instance`` ('' when it has none)."""
@@ -287,7 +307,7 @@ def _has_attribute(model, name):
     try:
         model._meta.get_field(name)
         return True
-    except Exception:
+    except FieldDoesNotExist:
         return hasattr(model, name)
 
 

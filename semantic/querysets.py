@@ -16,10 +16,76 @@ from django.db import models
 from django.db.models import ExpressionWrapper, FloatField, Value
 from pgvector.django import CosineDistance
 
-from semantic.fields import EmbeddingField, embedding_fields
+from semantic.fields import STALE_MARKER, EmbeddingField, embedding_fields
+from semantic.signals import schedule_embedding
 
 
 class SemanticQuerySet(models.QuerySet):
+    """QuerySet with semantic search, and bulk writes that keep vectors fresh.
+
+    Django sends no signal for ``bulk_create``, ``bulk_update`` and
+    ``update``; these overrides mark the affected rows stale and wake a
+    worker, so every way of changing a row through the ORM ends with a fresh
+    vector. (Raw SQL is caught by the periodic sweep.)
+    """
+
+    def bulk_create(self, objs, *args, **kwargs):
+        fields = embedding_fields(self.model)
+        update_fields = kwargs.get("update_fields")
+        if kwargs.get("update_conflicts") and update_fields:
+            # An upsert rewrites only update_fields of existing rows: the
+            # source hashes must be among them when their text is.
+            extra = [f.source_hash_attname for f in fields if f.touched_by(update_fields)]
+            kwargs["update_fields"] = [*update_fields, *(n for n in extra if n not in update_fields)]
+        created = super().bulk_create(objs, *args, **kwargs)
+        self._wake(fields)
+        return created
+
+    def bulk_update(self, objs, fields, batch_size=None):
+        objs = list(objs)
+        touched = [f for f in embedding_fields(self.model) if f.touched_by(fields)]
+        extra = []
+        for field in touched:
+            for obj in objs:
+                setattr(obj, field.source_hash_attname, field.compute_source_hash(obj))
+            extra.append(field.source_hash_attname)
+        rows = super().bulk_update(objs, [*fields, *(n for n in extra if n not in fields)], batch_size=batch_size)
+        for field in touched:
+            # Rows whose text became empty lose their vector.
+            emptied = [obj.pk for obj in objs if getattr(obj, field.source_hash_attname) is None]
+            if emptied:
+                self.model._base_manager.using(self.db).filter(pk__in=emptied).update(
+                    **{field.attname: None, field.vector_hash_attname: None}
+                )
+        self._wake(touched)
+        return rows
+
+    def update(self, **kwargs):
+        touched = [f for f in embedding_fields(self.model) if f.touched_by(kwargs)]
+        for field in touched:
+            # The new text is only known row by row; the worker hashes it.
+            kwargs.setdefault(field.source_hash_attname, STALE_MARKER)
+        rows = super().update(**kwargs)
+        if rows:
+            self._wake(touched)
+        return rows
+
+    update.alters_data = True
+
+    def mark_stale(self, field=None):
+        """Mark the rows stale so the worker re-embeds them; returns the row count."""
+        fields = embedding_fields(self.model) if field is None else [self._embedding_field(field)]
+        rows = super().update(**{f.source_hash_attname: STALE_MARKER for f in fields})
+        if rows:
+            self._wake(fields)
+        return rows
+
+    mark_stale.alters_data = True
+
+    def _wake(self, fields):
+        for field in fields:
+            schedule_embedding(self.model, field.name, using=self.db)
+
     def _embedding_field(self, name):
         if name is None:
             fields = embedding_fields(self.model)
@@ -81,7 +147,10 @@ def embed_query(field, query):
     if key in cached:
         return cached[key]
     field.verify_encoder()
-    vector = encoder.encode([text], query=True)[0]
+    vectors, failed = encoder.encode([text], query=True)
+    if failed:
+        raise RuntimeError("The query could not be encoded: the device ran out of memory.")
+    vector = vectors[0]
     embedding_cache.set_vectors({key: vector})
     return vector
 

@@ -35,6 +35,8 @@ def connect(model):
 def handle_post_save(sender, instance, update_fields=None, using=None, **kwargs):
     for field in embedding_fields(sender):
         if update_fields is not None and field.name not in update_fields:
+            if not field.touched_by(update_fields):
+                continue
             _refresh_source_hash(field, instance, using)
         if getattr(instance, field.source_hash_attname) is not None:
             schedule_embedding(sender, field.name, using=using)

@@ -22,6 +22,7 @@ from django.db import connections, transaction
 
 from semantic import cache as embedding_cache
 from semantic.conf import semantic_settings
+from semantic.encoders import batch_size_for
 from semantic.fields import EmbeddingField
 from semantic.signals import enqueue_embedding, release_wake_key
 
@@ -76,9 +77,15 @@ class StaleRows:
         )
         return sql, [len(fingerprint), fingerprint]
 
-    def claim(self, limit):
-        """Lock up to ``limit`` stale rows for this transaction; returns {pk: source_hash}."""
+    def claim(self, limit, skip=()):
+        """Lock up to ``limit`` stale rows for this transaction; returns {pk: source_hash}.
+
+        Rows whose pk is in ``skip`` (failed earlier in this task) are passed over.
+        """
         predicate, params = self.predicate()
+        if skip:
+            predicate += f" AND NOT ({self.pk}::text = ANY(%s))"
+            params.append([str(pk) for pk in skip])
         # OFFSET 0 keeps the stale filter inside the subquery, so locks are
         # tried only on stale rows; no ORDER BY, so the scan stops at LIMIT.
         sql = (
@@ -118,53 +125,66 @@ class StaleRows:
             return cursor.rowcount
 
 
-def embed_batch(field, using="default", batch_size=None):
-    """Claim, encode and write back one batch. Returns (claimed, written).
+def embed_batch(field, using="default", batch_size=None, skip=()):
+    """Claim, encode and write back one batch.
 
-    Texts found in the hashed-text cache are not encoded; the rest are encoded
-    in one ``encode()`` call, shortest first so padding is minimal.
+    Returns ``(claimed, written, failed_pks)``. Texts found in the
+    hashed-text cache are not encoded; the rest are encoded in one
+    ``encode()`` call, shortest first so padding is minimal. Rows whose text
+    could not be encoded (out of memory even alone) are left stale and
+    returned in ``failed_pks``.
     """
     from pgvector import Vector
 
-    batch_size = batch_size or semantic_settings.BATCH_SIZE
-    stale = StaleRows(field, using)
     encoder = field.encoder
+    batch_size = batch_size or batch_size_for(encoder.device)
+    stale = StaleRows(field, using)
     with transaction.atomic(using=using):
-        claimed = stale.claim(batch_size)
+        claimed = stale.claim(batch_size, skip)
         if not claimed:
-            return 0, 0
+            return 0, 0, []
         instances = field.model._base_manager.using(using).in_bulk(list(claimed))
         texts = {pk: field.build_text(obj) for pk, obj in instances.items()}
         hashes = {pk: encoder.text_hash(text) for pk, text in texts.items() if text}
         vectors = embedding_cache.get_vectors(sorted(set(hashes.values())))
         missing = sorted({h: texts[pk] for pk, h in hashes.items() if h not in vectors}.items(), key=lambda kv: len(kv[1]))
+        failed_hashes = set()
         if missing:
             field.verify_encoder()
-            encoded = encoder.encode([text for _, text in missing])
-            fresh = {h: vector for (h, _), vector in zip(missing, encoded)}
+            encoded, failed = encoder.encode([text for _, text in missing], batch_size=batch_size)
+            failed_hashes = {missing[i][0] for i in failed}
+            fresh = {h: vector for (h, _), vector in zip(missing, encoded) if vector is not None}
             embedding_cache.set_vectors(fresh)
             vectors.update(fresh)
         rows = []
+        failed_pks = []
         for pk in instances:
             new_hash = hashes.get(pk)
+            if new_hash in failed_hashes:
+                failed_pks.append(pk)
+                continue
             vector = Vector._to_db(vectors[new_hash]) if new_hash else None
             rows.append((pk, claimed[pk], new_hash, vector))
         written = stale.write(rows)
-    return len(claimed), written
+    if failed_pks:
+        logger.error("semantic: %s.%s rows %s could not be encoded and stay stale", field.model._meta.label, field.name, failed_pks)
+    return len(claimed), written, failed_pks
 
 
 def embed_stale_rows(field, using="default", *, time_budget=None, batch_size=None):
     """Embed stale rows of ``field`` until none can be claimed or time runs out.
 
-    Returns a dict with the rows claimed and written and whether work was
-    left over because the time budget ran out.
+    Returns a dict with the rows claimed, written and failed, and whether
+    work was left over because the time budget ran out. Rows that fail are
+    not claimed again by the same call, so one bad row cannot spin a worker.
     """
     deadline = time.monotonic() + (time_budget if time_budget is not None else semantic_settings.TASK_TIME_BUDGET)
-    totals = {"claimed": 0, "written": 0, "out_of_time": False}
+    totals = {"claimed": 0, "written": 0, "failed": [], "out_of_time": False}
     while True:
-        claimed, written = embed_batch(field, using, batch_size)
+        claimed, written, failed = embed_batch(field, using, batch_size, skip=totals["failed"])
         totals["claimed"] += claimed
         totals["written"] += written
+        totals["failed"].extend(failed)
         if not claimed:
             return totals
         if time.monotonic() >= deadline:
@@ -186,6 +206,7 @@ def embed_stale(model_label, field_name, using="default"):
         more = embed_stale_rows(field, using)
         totals["claimed"] += more["claimed"]
         totals["written"] += more["written"]
+        totals["failed"].extend(more["failed"])
         if more["out_of_time"]:
             enqueue_embedding(field.model, field_name, using, force=True)
     logger.info("semantic: %s.%s embedded %d row(s)", model_label, field_name, totals["written"])

@@ -1,5 +1,6 @@
 """Declarations and settings: bad input gets a clear error, devices are chosen by configuration."""
 
+import numpy as np
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
@@ -187,3 +188,63 @@ def test_switching_the_model_configuration_makes_rows_stale(settings):
         embed_batch(field)
         assert StaleRows(field, "default").count() == 0
         assert Note.objects.get(pk=note.pk).embedding_vector_hash.startswith(field.encoder.fingerprint)
+
+
+class FakeOutOfMemory(RuntimeError):
+    def __init__(self):
+        super().__init__("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def fits_in(limit, fail_on=()):
+    """An encode function that runs out of memory above ``limit`` texts per batch."""
+    calls = []
+
+    def encode(texts, size):
+        calls.append(len(texts))
+        if len(texts) > limit or any(t in fail_on for t in texts):
+            raise FakeOutOfMemory()
+        return [np.full(2, len(t), dtype=np.float32) for t in texts]
+
+    return encode, calls
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits():
+    from semantic.encoders import encode_with_backoff
+
+    texts = [f"text {i}" for i in range(20)]
+    encode, calls = fits_in(5)
+    released = []
+    vectors, failed = encode_with_backoff(encode, texts, 16, on_out_of_memory=lambda: released.append(1))
+    assert failed == [] and all(v is not None for v in vectors)
+    assert calls[:3] == [16, 8, 4] and set(calls[2:]) == {4}
+    assert len(released) == 2
+
+
+def test_a_text_too_big_even_alone_fails_alone():
+    from semantic.encoders import encode_with_backoff
+
+    texts = ["a", "b", "huge", "c"]
+    encode, calls = fits_in(8, fail_on={"huge"})
+    vectors, failed = encode_with_backoff(encode, texts, 4)
+    assert failed == [2]
+    assert vectors[2] is None and all(vectors[i] is not None for i in (0, 1, 3))
+
+
+def test_other_errors_are_not_swallowed():
+    from semantic.encoders import encode_with_backoff
+
+    def broken(texts, size):
+        raise ValueError("tokenizer exploded")
+
+    with pytest.raises(ValueError):
+        encode_with_backoff(broken, ["a"], 4)
+
+
+@pytest.mark.parametrize(
+    "setting, device, expected",
+    [(32, "cuda:0", 32), ({"cuda": 256, "cpu": 64}, "cuda:1", 256), ({"cuda": 256, "cpu": 64}, "cpu", 64), ({"default": 8}, "mps", 8)],
+)
+def test_batch_size_per_device(setting, device, expected):
+    from semantic.encoders import batch_size_for
+
+    assert batch_size_for(device, setting) == expected
