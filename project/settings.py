@@ -109,6 +109,12 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ROUTES = {"semantic.*": {"queue": SEMANTIC["QUEUE"]}}
+# `celery -A project beat` runs the sweeps that catch rows nothing woke
+# (lost wake-ups, raw SQL edits). See semantic/tasks.py.
+CELERY_BEAT_SCHEDULE = {
+    "semantic-sweep": {"task": "semantic.sweep", "schedule": 300.0},
+    "semantic-rehash": {"task": "semantic.sweep", "schedule": 86400.0, "kwargs": {"rehash": True}},
+}
 
 LOGGING = {
     "version": 1,

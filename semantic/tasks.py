@@ -240,3 +240,76 @@ def _warm_up_worker(sender=None, **kwargs):
     pool = getattr(sender, "pool", None)
     if semantic_settings.WARM_UP and "prefork" not in type(pool).__module__:
         warm_up()
+
+
+def rehash_rows(field, using="default", page_size=1000):
+    """Re-hash every row's text and mark rows whose text changed behind the ORM.
+
+    Pages by primary key (keyset, not OFFSET), so memory stays flat and the
+    cost stays linear on large tables. Returns the number of rows corrected.
+    Catches edits made with raw SQL or by other programs.
+    """
+    model = field.model
+    manager = model._base_manager.using(using)
+    sources = field.source_names() if not callable(field.source) else None
+    # Load only what the text needs (all fields for a callable or a property).
+    only = None
+    if sources and all(_is_concrete(model, name) for name in sources):
+        only = ["pk", field.source_hash_attname, *sources]
+    corrected = 0
+    last_pk = None
+    while True:
+        page = manager.order_by("pk")
+        if last_pk is not None:
+            page = page.filter(pk__gt=last_pk)
+        if only:
+            page = page.only(*only)
+        rows = list(page[:page_size])
+        if not rows:
+            return corrected
+        for row in rows:
+            new_hash = field.compute_source_hash(row)
+            if new_hash != getattr(row, field.source_hash_attname):
+                values = {field.source_hash_attname: new_hash}
+                if new_hash is None:
+                    values.update({field.attname: None, field.vector_hash_attname: None})
+                corrected += manager.filter(pk=row.pk).update(**values)
+        last_pk = rows[-1].pk
+
+
+def _is_concrete(model, name):
+    from django.core.exceptions import FieldDoesNotExist
+
+    try:
+        return model._meta.get_field(name).concrete
+    except FieldDoesNotExist:
+        return False
+
+
+@shared_task(name="semantic.sweep", ignore_result=True)
+def sweep(rehash=False, using="default"):
+    """Wake workers for stale rows nothing woke; with ``rehash``, first find raw-SQL edits.
+
+    Meant for Celery beat: every few minutes without ``rehash`` (one count
+    query per field), nightly with it (reads every row). Returns
+    {"model.field": stale rows}. Schedule::
+
+        CELERY_BEAT_SCHEDULE = {
+            "semantic-sweep": {"task": "semantic.sweep", "schedule": 300.0},
+            "semantic-rehash": {"task": "semantic.sweep", "schedule": 86400.0,
+                                "kwargs": {"rehash": True}},
+        }
+    """
+    from semantic.fields import embedding_fields
+
+    report = {}
+    for model in apps.get_models():
+        for field in embedding_fields(model):
+            if rehash:
+                rehash_rows(field, using)
+            stale = StaleRows(field, using).count()
+            report[f"{model._meta.label}.{field.name}"] = stale
+            if stale:
+                enqueue_embedding(model, field.name, using)
+    return report
+

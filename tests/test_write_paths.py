@@ -124,3 +124,20 @@ def test_nul_bytes_from_a_source_are_dropped_before_hashing_and_encoding():
     field = Note._meta.get_field("embedding")
     assert field.build_text(Note(title="nul\x00byte")) == "nulbyte"
     assert field.compute_source_hash(Note(title="nul\x00byte")) == field.compute_source_hash(Note(title="nulbyte"))
+
+
+def test_sweep_finds_raw_sql_edits_and_rows_nothing_woke(celery_worker, request):
+    from django.db import connection
+
+    from semantic.tasks import sweep
+
+    note = Note.objects.create(title=f"Before raw edit {request.node.name}")
+    wait_until(lambda: fresh(note.pk), message="first embedding")
+    old_vector_hash = Note.objects.get(pk=note.pk).embedding_vector_hash
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE testapp_note SET title = %s WHERE id = %s", [f"Raw edit, nobody told {request.node.name}", note.pk])
+    assert sweep() == {"testapp.Note.embedding": 0, "testapp.SupportAnswer.embedding": 0, "testapp.MismatchedNote.embedding": 0, "demo.Article.embedding": 0}
+    report = sweep(rehash=True)
+    assert report["testapp.Note.embedding"] == 1
+    wait_until(lambda: fresh(note.pk), message="raw edit found by the sweep and re-embedded")
+    assert Note.objects.get(pk=note.pk).embedding_vector_hash != old_vector_hash
