@@ -310,6 +310,7 @@ def sweep(rehash=False, using="default"):
             stale = StaleRows(field, using).count()
             report[f"{model._meta.label}.{field.name}"] = stale
             if stale:
-                enqueue_embedding(model, field.name, using)
+                # Forced: a lost wake-up may have left its coalescing key behind.
+                enqueue_embedding(model, field.name, using, force=True)
     return report
 
