@@ -22,10 +22,15 @@ def check_settings(app_configs=None, **kwargs):
             semantic_settings.model_config(alias)
         except ImproperlyConfigured as exc:
             errors.append(checks.Error(str(exc), id="semantic.E010"))
-    if not isinstance(semantic_settings.BATCH_SIZE, int) or semantic_settings.BATCH_SIZE < 1:
+    batch_size = semantic_settings.BATCH_SIZE
+    sizes = list(batch_size.values()) if isinstance(batch_size, dict) else [batch_size]
+    for name in ("CLAIM_SIZE",):
+        sizes.append(getattr(semantic_settings, name))
+    if not all(isinstance(size, int) and size >= 1 for size in sizes):
         errors.append(
             checks.Error(
-                f"SEMANTIC['BATCH_SIZE'] must be a positive integer, not {semantic_settings.BATCH_SIZE!r}.",
+                "SEMANTIC['BATCH_SIZE'] (an int or a dict by device type) and SEMANTIC['CLAIM_SIZE'] "
+                f"must be positive integers, not {batch_size!r} / {semantic_settings.CLAIM_SIZE!r}.",
                 id="semantic.E010",
             )
         )

