@@ -256,11 +256,6 @@ class Encoder:
             )
         return model
 
-    @property
-    def dimensions(self):
-        """Vector size: from settings when declared, else from the loaded model."""
-        return self.config["dimensions"] or self.model.get_embedding_dimension()
-
     def encode(self, texts, *, query=False, batch_size=None):
         """Encode cleaned texts; returns ``(vectors, failed_indices)``.
 

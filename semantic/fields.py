@@ -78,6 +78,13 @@ class VectorHashField(EmbeddingHashField):
         self.embedding_field_name = embedding_field_name
         super().__init__(*args, **kwargs)
 
+    def source_hash_update(self, new_hash):
+        """Column values that give a row ``new_hash``; a row without text loses its vector."""
+        values = {self.source_hash_attname: new_hash}
+        if new_hash is None:
+            values.update({self.attname: None, self.vector_hash_attname: None})
+        return values
+
     def pre_save(self, model_instance, add):
         field = _embedding_field_of(model_instance, self.embedding_field_name)
         return field.worker_owned_value(model_instance, self.attname, add) if field else super().pre_save(model_instance, add)
@@ -201,6 +208,13 @@ class EmbeddingField(VectorField):
         """The hash the row should carry now, or None when it has no text."""
         text = self.build_text(instance)
         return self.encoder.text_hash(text) if text else None
+
+    def source_hash_update(self, new_hash):
+        """Column values that give a row ``new_hash``; a row without text loses its vector."""
+        values = {self.source_hash_attname: new_hash}
+        if new_hash is None:
+            values.update({self.attname: None, self.vector_hash_attname: None})
+        return values
 
     def pre_save(self, model_instance, add):
         if self.source is not None:

@@ -54,9 +54,7 @@ class SemanticQuerySet(models.QuerySet):
             # Rows whose text became empty lose their vector.
             emptied = [obj.pk for obj in objs if getattr(obj, field.source_hash_attname) is None]
             if emptied:
-                self.model._base_manager.using(self.db).filter(pk__in=emptied).update(
-                    **{field.attname: None, field.vector_hash_attname: None}
-                )
+                self.model._base_manager.using(self.db).filter(pk__in=emptied).update(**field.source_hash_update(None))
         self._wake(touched)
         return rows
 

@@ -48,10 +48,7 @@ def _refresh_source_hash(field, instance, using):
     if new_hash == getattr(instance, field.source_hash_attname):
         return
     setattr(instance, field.source_hash_attname, new_hash)
-    values = {field.source_hash_attname: new_hash}
-    if new_hash is None:
-        values.update({field.attname: None, field.vector_hash_attname: None})
-    type(instance)._base_manager.using(using).filter(pk=instance.pk).update(**values)
+    type(instance)._base_manager.using(using).filter(pk=instance.pk).update(**field.source_hash_update(new_hash))
 
 
 def schedule_embedding(model, field_name, *, using=None):

@@ -214,13 +214,12 @@ def embed_stale(model_label, field_name, using="default"):
 
 def warm_up():
     """Load every encoder some EmbeddingField uses, so the first task is not slow."""
+    from semantic.encoders import get_encoder
     from semantic.fields import embedding_fields
 
     aliases = {field.model_alias for model in apps.get_models() for field in embedding_fields(model)}
     for alias in sorted(aliases):
         try:
-            from semantic.encoders import get_encoder
-
             get_encoder(alias).model
         except Exception:
             logger.exception("semantic: could not load model %r at worker start", alias)
@@ -269,10 +268,7 @@ def rehash_rows(field, using="default", page_size=1000):
         for row in rows:
             new_hash = field.compute_source_hash(row)
             if new_hash != getattr(row, field.source_hash_attname):
-                values = {field.source_hash_attname: new_hash}
-                if new_hash is None:
-                    values.update({field.attname: None, field.vector_hash_attname: None})
-                corrected += manager.filter(pk=row.pk).update(**values)
+                corrected += manager.filter(pk=row.pk).update(**field.source_hash_update(new_hash))
         last_pk = rows[-1].pk
 
 
