@@ -57,6 +57,33 @@ DEFAULTS = {
     # Load the models that embedding fields use when a worker starts, so the
     # first task does not pay for importing torch and reading weights.
     "WARM_UP": True,
+    # --- long texts ------------------------------------------------------------
+    # Tokens shared by neighbouring chunks of a text longer than the model's
+    # max_seq_length (EmbeddingField(chunks=True), the default).
+    "CHUNK_OVERLAP": 32,
+    # --- search ----------------------------------------------------------------
+    # hnsw.ef_search for searches that do not pass one (None: pgvector's 40).
+    "EF_SEARCH": None,
+    # ivfflat.probes likewise (None: pgvector's 1).
+    "PROBES": None,
+    # pgvector >= 0.8 iterative index scans, so a filtered ANN search still
+    # finds k rows: "relaxed_order", "strict_order" or "off".
+    "ITERATIVE_SCAN": "relaxed_order",
+    # A filtered search whose filter keeps at most this many rows (planner
+    # estimate) scans them exactly instead of using the vector index.
+    "EXACT_SEARCH_THRESHOLD": 10_000,
+    # Hybrid search: PostgreSQL text search configuration, reciprocal rank
+    # fusion constant, and how many candidates each ranking contributes.
+    "HYBRID_TEXT_CONFIG": "english",
+    "HYBRID_RRF_K": 60,
+    "HYBRID_CANDIDATES": 100,
+    # --- rerank ----------------------------------------------------------------
+    # A sentence-transformers CrossEncoder: a local directory, or a dict with
+    # "path" or "package" (as in MODELS) plus optional "max_length" and
+    # "batch_size". None (the default) turns reranking off.
+    "RERANKER": None,
+    # Candidates the vector search hands to the cross-encoder.
+    "RERANK_CANDIDATES": 50,
 }
 
 MODEL_DEFAULTS = {

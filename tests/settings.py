@@ -1,9 +1,20 @@
 """Test settings: the project's, plus a test app and tiny random models."""
 
-from pathlib import Path
+import os
 
 from project.settings import *  # noqa: F403
-from project.settings import BASE_DIR, INSTALLED_APPS
+from project.settings import BASE_DIR, CACHES, DATABASES, INSTALLED_APPS, REDIS_URL
+
+# Several test runs can share one checkout's PostgreSQL and Redis (for
+# example two developers' terminals): SEMANTIC_TEST_SLOT=N gives a run its own
+# test database and its own Redis database, so their Celery workers never take
+# each other's tasks.
+TEST_SLOT = int(os.environ.get("SEMANTIC_TEST_SLOT", "0"))
+if TEST_SLOT:
+    DATABASES["default"]["TEST"] = {"NAME": f"test_semantic_{TEST_SLOT}"}
+    REDIS_URL = REDIS_URL.rsplit("/", 1)[0] + f"/{TEST_SLOT}"
+    CACHES["default"]["LOCATION"] = REDIS_URL
+    CELERY_BROKER_URL = REDIS_URL
 
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]
 
