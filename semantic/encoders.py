@@ -58,6 +58,12 @@ def resolve_device(requested, *, cuda_available=None, mps_available=None):
     return "cpu"
 
 
+def use_half_precision(device, setting=None):
+    """Whether a model loaded on ``device`` runs in fp16: on CUDA, when CUDA_FP16 is set."""
+    setting = semantic_settings.CUDA_FP16 if setting is None else setting
+    return device.startswith("cuda") and bool(setting)
+
+
 def batch_size_for(device, setting=None):
     """The configured batch size for a torch device string ("cuda:0" -> "cuda")."""
     setting = semantic_settings.BATCH_SIZE if setting is None else setting
@@ -245,7 +251,7 @@ class Encoder:
             ) from exc
         if self.config["max_seq_length"]:
             model.max_seq_length = self.config["max_seq_length"]
-        if device.startswith("cuda") and semantic_settings.CUDA_FP16:
+        if use_half_precision(device):
             model.half()
         actual = model.get_embedding_dimension()
         declared = self.config["dimensions"]
@@ -266,11 +272,12 @@ class Encoder:
         from semantic import cache
 
         prefix = self.config["query_prefix" if query else "document_prefix"]
+        fingerprint = self.query_fingerprint if query else self.fingerprint
         model = self.model
         device = str(model.device)
 
         def run(batch, size):
-            cache.incr_stats(encode_calls=1)
+            cache.incr_stats(fingerprint, encode_calls=1)
             return model.encode(
                 [prefix + text for text in batch],
                 batch_size=size,
@@ -285,7 +292,7 @@ class Encoder:
             batch_size or batch_size_for(device),
             on_out_of_memory=_release_accelerator_memory,
         )
-        cache.incr_stats(texts_encoded=len(texts) - len(failed))
+        cache.incr_stats(fingerprint, texts_encoded=len(texts) - len(failed))
         return vectors, failed
 
 
