@@ -27,16 +27,22 @@ outage can lose work. The vector and its hash are owned by the worker: an
 ordinary ``save()`` of an existing row leaves both as they are in the
 database, so a save made from an instance loaded before the worker finished
 never rolls a vector back.
+
+With ``chunks=True`` (the default) a text longer than the model's
+``max_seq_length`` is split into overlapping token windows stored one vector
+each in the field's chunk table (``field.chunk_model``, see
+semantic.chunking); ``chunks=False`` truncates long texts instead.
 """
 
 from django.core import checks
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
 from django.db import models
 from django.db.models import F
+from django.db.models.signals import class_prepared
 from pgvector.django import VectorField
 
 from semantic.conf import semantic_settings
-from semantic.encoders import HASH_LENGTH, clean_text, get_encoder
+from semantic.encoders import FINGERPRINT_LENGTH, HASH_LENGTH, clean_text, get_encoder
 
 SOURCE_SEPARATOR = "\n\n"
 # A source hash that matches no text: the row is stale and the worker
@@ -111,13 +117,28 @@ class EmbeddingField(VectorField):
     taking the instance and returning the text. ``model`` names an alias in
     ``SEMANTIC["MODELS"]``. ``dimensions`` defaults to that alias's declared
     dimensions. A row whose text is empty or whitespace-only has no vector.
+
+    ``chunks=True`` (the default): a text longer than the model's
+    ``max_seq_length`` is split into windows of tokens sharing
+    ``chunk_overlap`` tokens (default ``SEMANTIC["CHUNK_OVERLAP"]``), one
+    vector each in ``chunk_model``, and the row's vector is their
+    token-weighted mean. ``chunks=False``: the model truncates long texts
+    and there is no chunk table.
     """
 
     description = "Embedding of the row's text (pgvector)"
 
-    def __init__(self, *args, source=None, model="default", dimensions=None, **kwargs):
+    def __init__(self, *args, source=None, model="default", dimensions=None, metric="cosine", chunks=True, chunk_overlap=None, **kwargs):
         self.source = source
         self.model_alias = model
+        self.chunks = chunks
+        self.chunk_overlap = chunk_overlap
+        # The model class holding this field's chunks; set once the owner
+        # class is prepared (None for chunks=False and abstract models).
+        self.chunk_model = None
+        # Searches rank by this metric; the field's index needs the
+        # matching operator class (``field.opclass``).
+        self.metric = metric
         if dimensions is None:
             dimensions = _declared_dimensions(model)
         kwargs.setdefault("null", True)
@@ -143,9 +164,21 @@ class EmbeddingField(VectorField):
             return
         EmbeddingHashField().contribute_to_class(cls, f"{name}_source_hash")
         VectorHashField(embedding_field_name=name).contribute_to_class(cls, f"{name}_vector_hash")
+        if self.chunks and not _is_historical(cls):
+            # The chunk model's foreign key needs the finished owner class.
+            # Historical models (migrations) get their chunk model from the
+            # migration that created it, not from here.
+            class_prepared.connect(self._make_chunk_model, sender=cls, weak=False)
+
+    def _make_chunk_model(self, sender, **kwargs):
+        from semantic.chunking import make_chunk_model
+
+        class_prepared.disconnect(self._make_chunk_model, sender=sender)
+        self.chunk_model = make_chunk_model(self)
 
     def deconstruct(self):
-        # source and model are behaviour, not schema: leaving them out keeps
+        # source, model, chunks and chunk_overlap are behaviour, not schema
+        # (the chunk table is a model of its own): leaving them out keeps
         # migrations free of callables and of churn when they change.
         name, path, args, kwargs = super().deconstruct()
         kwargs.pop("editable", None)
@@ -158,6 +191,37 @@ class EmbeddingField(VectorField):
     @property
     def encoder(self):
         return get_encoder(self.model_alias)
+
+    @property
+    def overlap(self):
+        """Tokens shared by neighbouring chunks (the field's, else CHUNK_OVERLAP)."""
+        return semantic_settings.CHUNK_OVERLAP if self.chunk_overlap is None else self.chunk_overlap
+
+    @property
+    def fingerprint(self):
+        """The prefix of this field's row hashes.
+
+        The encoder's fingerprint, or for a chunked field one that also
+        covers the chunking (version and overlap): changing either makes
+        every row stale, as changing the model does.
+        """
+        fingerprint = self.encoder.fingerprint
+        if self.chunk_model is None:
+            return fingerprint
+        from semantic.chunking import chunked_fingerprint
+
+        return chunked_fingerprint(fingerprint, self.overlap)
+
+    def text_hash(self, text):
+        """The row hash of ``text``: this field's fingerprint + sha256 of the text."""
+        return self.fingerprint + self.encoder.text_hash(text)[FINGERPRINT_LENGTH:]
+
+    @property
+    def opclass(self):
+        """The index operator class for this field's metric, e.g. for HnswIndex(opclasses=[...])."""
+        from semantic.distances import get_metric
+
+        return get_metric(self.metric).opclass
 
     # --- text and hashing ---------------------------------------------------
 
@@ -207,7 +271,7 @@ class EmbeddingField(VectorField):
     def compute_source_hash(self, instance):
         """The hash the row should carry now, or None when it has no text."""
         text = self.build_text(instance)
-        return self.encoder.text_hash(text) if text else None
+        return self.text_hash(text) if text else None
 
     def source_hash_update(self, new_hash):
         """Column values that give a row ``new_hash``; a row without text loses its vector."""
@@ -238,7 +302,7 @@ class EmbeddingField(VectorField):
     # --- checks ---------------------------------------------------------------
 
     def check(self, **kwargs):
-        return [*super().check(**kwargs), *self._check_source(), *self._check_model()]
+        return [*super().check(**kwargs), *self._check_source(), *self._check_model(), *self._check_chunks()]
 
     def _check_source(self):
         if self.source is None:
@@ -298,6 +362,36 @@ class EmbeddingField(VectorField):
             ]
         return []
 
+    def _check_chunks(self):
+        if not self.chunks:
+            return []
+        overlap = self.overlap
+        if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0:
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} chunk_overlap must be a non-negative integer, not {overlap!r}.",
+                    obj=self,
+                    id="semantic.E005",
+                )
+            ]
+        try:
+            limit = semantic_settings.model_config(self.model_alias)["max_seq_length"]
+        except ImproperlyConfigured:
+            return []  # reported by _check_model
+        if limit and overlap >= limit:
+            # The exact chunk size (less special and prefix tokens) needs the
+            # tokenizer, so the worker checks it; this catches the plain mistake.
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} chunk_overlap={overlap} is not below model alias "
+                    f"{self.model_alias!r}'s max_seq_length ({limit}).",
+                    hint="Pass a smaller chunk_overlap, or chunks=False to truncate long texts.",
+                    obj=self,
+                    id="semantic.E005",
+                )
+            ]
+        return []
+
     def verify_encoder(self):
         """Raise ImproperlyConfigured unless the loaded model fits this column."""
         actual = self.encoder.model.get_embedding_dimension()
@@ -307,6 +401,13 @@ class EmbeddingField(VectorField):
                 f"{self.model_alias!r} makes {actual}-dimensional vectors. Make the field's dimensions "
                 f"match the model, then make a migration."
             )
+
+
+def _is_historical(model):
+    """Whether ``model`` was rendered from migration state."""
+    from django.db.migrations.state import StateApps
+
+    return isinstance(model._meta.apps, StateApps)
 
 
 def _declared_dimensions(alias):

@@ -8,6 +8,11 @@ a user saving a row that is being encoded is never blocked by the worker.
 The locks vanish with the transaction, so a killed worker leaves nothing
 claimed. The write-back only touches rows whose source hash is still the one
 that was encoded; a row edited meanwhile stays stale and is encoded again.
+
+For a chunked field (the default) each row's text is split into token
+windows (semantic.chunking); the windows are what is looked up in the cache
+and encoded, the row's vector is their token-weighted mean, and the rows
+written get their chunks replaced in the same transaction.
 """
 
 import logging
@@ -26,6 +31,9 @@ from semantic.fields import EmbeddingField
 from semantic.signals import enqueue_embedding, release_wake_key
 
 logger = logging.getLogger("semantic")
+
+# Chunk rows per INSERT statement.
+CHUNK_INSERT_BATCH = 500
 
 
 def resolve_field(model_label, field_name):
@@ -61,19 +69,35 @@ class StaleRows:
         self.vector = qn(field.column)
         self.source_hash = qn(meta.get_field(field.source_hash_attname).column)
         self.vector_hash = qn(meta.get_field(field.vector_hash_attname).column)
+        chunk_model = field.chunk_model
+        if chunk_model is not None:
+            self.chunk_table = qn(chunk_model._meta.db_table)
+            self.chunk_owner = qn(chunk_model._meta.get_field("owner").column)
 
     def predicate(self):
         """SQL and params true for a stale row.
 
         Stale: has text, and its vector is missing, made from another text,
-        or made (or hashed) under another encoder fingerprint.
+        or made (or hashed) under another fingerprint (the field's: the
+        encoder's, plus the chunking for a chunked field). For a chunked
+        field, a row without text that still has chunks is stale too: a save
+        emptied it, and the worker deletes its chunks.
         """
-        fingerprint = self.field.encoder.fingerprint
+        fingerprint = self.field.fingerprint
         sql = (
             f"{self.source_hash} IS NOT NULL AND ({self.vector_hash} IS NULL"
             f" OR {self.vector_hash} <> {self.source_hash}"
             f" OR left({self.source_hash}, %s) <> %s)"
         )
+        if self.field.chunk_model is not None:
+            # The outer reference inside the subquery keeps PostgreSQL from
+            # hashing the whole chunk table (a hashed SubPlan): each row
+            # without text costs one probe of the (owner, index) index.
+            sql = (
+                f"({sql}) OR ({self.source_hash} IS NULL AND EXISTS (SELECT 1 FROM {self.chunk_table}"
+                f" WHERE {self.chunk_table}.{self.chunk_owner} = {self.table}.{self.pk}"
+                f" AND {self.table}.{self.source_hash} IS NULL))"
+            )
         return sql, [len(fingerprint), fingerprint]
 
     def claim(self, limit, skip=()):
@@ -83,7 +107,7 @@ class StaleRows:
         """
         predicate, params = self.predicate()
         if skip:
-            predicate += f" AND NOT ({self.pk}::text = ANY(%s))"
+            predicate = f"({predicate}) AND NOT ({self.pk}::text = ANY(%s))"
             params.append([str(pk) for pk in skip])
         # OFFSET 0 keeps the stale filter inside the subquery, so locks are
         # tried only on stale rows; no ORDER BY, so the scan stops at LIMIT.
@@ -104,13 +128,17 @@ class StaleRows:
             return cursor.fetchone()[0]
 
     def write(self, rows):
-        """Write (pk, claimed_hash, new_hash, vector_text_or_None) rows; returns rows updated.
+        """Write (pk, claimed_hash, new_hash, vector_text_or_None) rows; returns rows updated."""
+        return len(self.write_returning_pks(rows))
+
+    def write_returning_pks(self, rows):
+        """Write (pk, claimed_hash, new_hash, vector_text_or_None) rows; returns the pks written.
 
         A row is written only if its source hash still equals the claimed
         one. ``new_hash`` None clears the row (its text became empty).
         """
         if not rows:
-            return 0
+            return []
         values = ", ".join([f"(CAST(%s AS {self.pk_type}), %s, %s, CAST(%s AS vector))"] * len(rows))
         params = [value for row in rows for value in row]
         sql = (
@@ -118,23 +146,48 @@ class StaleRows:
             f" {self.vector_hash} = v.new_hash, {self.source_hash} = v.new_hash"
             f" FROM (VALUES {values}) AS v(pk, claimed, new_hash, vec)"
             f" WHERE t.{self.pk} = v.pk AND t.{self.source_hash} IS NOT DISTINCT FROM v.claimed"
+            f" RETURNING t.{self.pk}"
         )
         with self.connection.cursor() as cursor:
             cursor.execute(sql, params)
-            return cursor.rowcount
+            return [row[0] for row in cursor.fetchall()]
+
+    def replace_chunks(self, pks, chunks):
+        """Give the rows ``pks`` exactly the chunks in ``chunks`` ({pk: [(Chunk, hash, vector)]}).
+
+        Old chunks of those rows are deleted (all of them for a row missing
+        from ``chunks``: its text became empty), the new ones inserted.
+        """
+        if not pks:
+            return
+        with self.connection.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {self.chunk_table} WHERE {self.chunk_owner} = ANY(%s)", [list(pks)])
+        model = self.field.chunk_model
+        model._base_manager.using(self.using).bulk_create(
+            [
+                model(owner_id=pk, index=chunk.index, start=chunk.start, end=chunk.end, text=chunk.text, text_hash=text_hash, embedding=vector)
+                for pk in pks
+                for chunk, text_hash, vector in chunks.get(pk, ())
+            ],
+            batch_size=CHUNK_INSERT_BATCH,
+        )
 
 
 def embed_batch(field, using="default", claim_size=None, skip=()):
     """Claim up to ``claim_size`` (default CLAIM_SIZE) rows, encode, write back.
 
-    Returns ``(claimed, written, failed_pks)``. Texts found in the
-    hashed-text cache are not encoded; the rest are encoded in one
-    ``encode()`` call, which sorts them by length so batches carry little
-    padding. Rows whose text
-    could not be encoded (out of memory even alone) are left stale and
-    returned in ``failed_pks``.
+    Returns ``(claimed, written, failed_pks)``. Each row's text is split into
+    pieces: token windows for a chunked field, the whole text otherwise.
+    Pieces found in the hashed-text cache are not encoded; the rest are
+    encoded in one ``encode()`` call, which sorts them by length so batches
+    carry little padding. A row's vector is its pieces' token-weighted mean
+    (the piece's own vector when there is one). Rows with a piece that could
+    not be encoded (out of memory even alone) are left stale and returned in
+    ``failed_pks``.
     """
     from pgvector import Vector
+
+    from semantic.chunking import weighted_mean
 
     encoder = field.encoder
     stale = StaleRows(field, using)
@@ -144,30 +197,58 @@ def embed_batch(field, using="default", claim_size=None, skip=()):
             return 0, 0, []
         instances = field.model._base_manager.using(using).in_bulk(list(claimed))
         texts = {pk: field.build_text(obj) for pk, obj in instances.items()}
-        hashes = {pk: encoder.text_hash(text) for pk, text in texts.items() if text}
-        vectors = embedding_cache.get_vectors(sorted(set(hashes.values())))
-        missing = sorted({h: texts[pk] for pk, h in hashes.items() if h not in vectors}.items(), key=lambda kv: len(kv[1]))
-        failed_hashes = set()
+        pieces = _split(field, {pk: text for pk, text in texts.items() if text})
+        keys = {pk: [encoder.text_hash(piece.text) for piece in row_pieces] for pk, row_pieces in pieces.items()}
+        vectors = embedding_cache.get_vectors(sorted({key for row_keys in keys.values() for key in row_keys}))
+        missing = {}
+        for pk, row_keys in keys.items():
+            for key, piece in zip(row_keys, pieces[pk]):
+                if key not in vectors:
+                    missing[key] = piece.text
+        missing = sorted(missing.items(), key=lambda item: len(item[1]))
+        failed_keys = set()
         if missing:
             field.verify_encoder()
             encoded, failed = encoder.encode([text for _, text in missing])
-            failed_hashes = {missing[i][0] for i in failed}
-            fresh = {h: vector for (h, _), vector in zip(missing, encoded) if vector is not None}
+            failed_keys = {missing[i][0] for i in failed}
+            fresh = {key: vector for (key, _), vector in zip(missing, encoded) if vector is not None}
             embedding_cache.set_vectors(fresh)
             vectors.update(fresh)
         rows = []
+        chunks = {}
         failed_pks = []
+        normalize = bool(encoder.config["normalize"])
         for pk in instances:
-            new_hash = hashes.get(pk)
-            if new_hash in failed_hashes:
+            if pk not in pieces:
+                rows.append((pk, claimed[pk], None, None))
+                continue
+            if failed_keys.intersection(keys[pk]):
                 failed_pks.append(pk)
                 continue
-            vector = Vector._to_db(vectors[new_hash]) if new_hash else None
-            rows.append((pk, claimed[pk], new_hash, vector))
-        written = stale.write(rows)
+            row_vectors = [vectors[key] for key in keys[pk]]
+            vector = weighted_mean(row_vectors, [piece.tokens for piece in pieces[pk]], normalize)
+            rows.append((pk, claimed[pk], field.text_hash(texts[pk]), Vector._to_db(vector)))
+            chunks[pk] = list(zip(pieces[pk], keys[pk], row_vectors))
+        written = stale.write_returning_pks(rows)
+        if field.chunk_model is not None:
+            stale.replace_chunks(written, chunks)
     if failed_pks:
         logger.error("semantic: %s.%s rows %s could not be encoded and stay stale", field.model._meta.label, field.name, failed_pks)
-    return len(claimed), written, failed_pks
+    return len(claimed), len(written), failed_pks
+
+
+def _split(field, texts):
+    """{pk: [Chunk]} for {pk: text}: token windows for a chunked field, else the whole text."""
+    from semantic.chunking import Chunk, Chunker
+
+    if field.chunk_model is None:
+        return {pk: [Chunk(0, 0, len(text), text, 1)] for pk, text in texts.items()}
+    if not texts:
+        return {}
+    # Splitting needs the model's tokenizer, so the model is loaded here.
+    field.verify_encoder()
+    chunker = Chunker(field.encoder, field.overlap)
+    return {pk: chunker.split(text) for pk, text in texts.items()}
 
 
 def embed_stale_rows(field, using="default", *, time_budget=None, claim_size=None):

@@ -136,7 +136,8 @@ def test_sweep_finds_raw_sql_edits_and_rows_nothing_woke(celery_worker, request)
     old_vector_hash = Note.objects.get(pk=note.pk).embedding_vector_hash
     with connection.cursor() as cursor:
         cursor.execute("UPDATE testapp_note SET title = %s WHERE id = %s", [f"Raw edit, nobody told {request.node.name}", note.pk])
-    assert sweep() == {"testapp.Note.embedding": 0, "testapp.SupportAnswer.embedding": 0, "testapp.MismatchedNote.embedding": 0, "demo.Article.embedding": 0}
+    report = sweep()
+    assert {"testapp.Note.embedding", "demo.Article.embedding"} <= set(report) and not any(report.values()), report
     report = sweep(rehash=True)
     assert report["testapp.Note.embedding"] == 1
     wait_until(lambda: fresh(note.pk), message="raw edit found by the sweep and re-embedded")

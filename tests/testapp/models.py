@@ -33,3 +33,24 @@ class MismatchedNote(models.Model):
     embedding = EmbeddingField(source="text", model="tiny_undeclared", dimensions=16)
 
     objects = SemanticManager()
+
+
+class LongNote(models.Model):
+    """Long-text tests: a 16-token limit, so a few sentences make many chunks."""
+
+    title = models.CharField(max_length=200, blank=True)
+    body = models.TextField(blank=True)
+
+    embedding = EmbeddingField(source=["title", "body"], model="tiny_short", chunk_overlap=4)
+
+    objects = SemanticManager()
+
+
+class TruncatedNote(models.Model):
+    """chunks=False: the model truncates long texts, and there is no chunk table."""
+
+    body = models.TextField()
+
+    embedding = EmbeddingField(source="body", model="tiny_short", chunks=False)
+
+    objects = SemanticManager()
