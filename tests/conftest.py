@@ -4,8 +4,10 @@ and a local redis-server (both started by the project settings), a Celery
 worker consuming the real broker, and models loaded by sentence-transformers.
 """
 
+import logging
 import os
 import time
+import uuid
 
 # Before anything imports huggingface_hub: a hub name must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +25,16 @@ def tiny_model():
     from tests.modelfactory import build_tiny_model
 
     return build_tiny_model(settings.TINY_MODEL_DIR, dimensions=settings.TINY_DIMENSIONS)
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir():
+    """A tiny random cross-encoder (reranker) directory."""
+    from django.conf import settings
+
+    from tests.modelfactory import build_tiny_cross_encoder
+
+    return build_tiny_cross_encoder(settings.TEST_MODEL_DIR / "tiny-cross-encoder-32")
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +85,21 @@ def stats_delta():
         return {name: now[name] - before[name] for name in now}
 
     return delta
+
+
+@pytest.fixture
+def semantic_logs(caplog, monkeypatch):
+    """``caplog`` receiving the 'semantic' logger's records from WARNING up.
+
+    The settings stop that logger propagating to the root logger, where
+    caplog listens; lower the level with ``caplog.set_level`` for more.
+    """
+    monkeypatch.setattr(logging.getLogger("semantic"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="semantic")
+    return caplog
+
+
+def unique_text(text):
+    """``text`` made unique: the embedding cache outlives tests and test runs,
+    and a text it holds would be found there instead of encoded."""
+    return f"{text} {uuid.uuid4()}"

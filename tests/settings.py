@@ -16,7 +16,7 @@ if TEST_SLOT:
     CACHES["default"]["LOCATION"] = REDIS_URL
     CELERY_BROKER_URL = REDIS_URL
 
-INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp", "tests.searchapp"]
 
 # Built by tests/modelfactory.py at session start: a randomly initialised
 # 2-layer BERT with MiniLM's tokenizer, saved and loaded like any real model.
@@ -30,6 +30,8 @@ SEMANTIC = {
         "tiny": {"path": str(TINY_MODEL_DIR), "dimensions": TINY_DIMENSIONS},
         # No declared dimensions: only loading the model can reveal a mismatch.
         "tiny_undeclared": {"path": str(TINY_MODEL_DIR)},
+        # A 16-token limit: long-text tests get many chunks from short texts.
+        "tiny_short": {"path": str(TINY_MODEL_DIR), "dimensions": TINY_DIMENSIONS, "max_seq_length": 16},
     },
     "DEVICE": "cpu",
     "BATCH_SIZE": 16,

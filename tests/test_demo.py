@@ -34,11 +34,24 @@ def test_search_page_ranks_the_matching_article_first(client, demo_articles):
     assert results[0].pk == target.pk
     assert results[0].score > results[-1].score
     assert f"{results[0].score:.3f}" in response.content.decode()
+    # Articles are chunked: the page shows the passage that matched.
+    assert results[0].best_chunk.owner_id == target.pk
+    assert " ".join(results[0].best_chunk.text.split()[:6]) in response.content.decode()
 
 
-@pytest.mark.parametrize("query", ["", "x" * 10_000, "'; DROP TABLE demo_article; --"])
-def test_search_page_survives_odd_queries(client, demo_articles, query):
-    response = client.get("/", {"q": query})
+def test_hybrid_mode_ranks_the_matching_article_first(client, demo_articles):
+    target = demo_articles.get(source_file="business/001.txt")
+    response = client.get("/", {"q": target.title, "mode": "hybrid"})
+    assert response.status_code == 200
+    results = response.context["results"]
+    assert results[0].pk == target.pk
+    assert results[0].text_rank == 1
+
+
+@pytest.mark.parametrize("mode", ["semantic", "hybrid", "nonsense"])
+@pytest.mark.parametrize("query", ["", "x" * 10_000, "'; DROP TABLE demo_article; --", 'a "b -c or'])
+def test_search_page_survives_odd_queries(client, demo_articles, query, mode):
+    response = client.get("/", {"q": query, "mode": mode})
     assert response.status_code == 200
     assert Article.objects.count() == 12
 

@@ -11,10 +11,12 @@ def search(request):
     """The demo's search page: a query box, ranked results with scores."""
     query = request.GET.get("q", "").strip()[:MAX_QUERY_LENGTH]
     topic = request.GET.get("topic", "")
+    mode = request.GET.get("mode", "semantic")
     topics = Article.objects.order_by("topic").values_list("topic", flat=True).distinct()
     context = {
         "query": query,
         "topic": topic,
+        "mode": mode,
         "topics": list(topics),
         "results": [],
         "total": Article.objects.count(),
@@ -26,7 +28,12 @@ def search(request):
         if topic:
             articles = articles.filter(topic=topic)
         try:
-            context["results"] = list(articles.semantic_search(query, k=RESULTS).defer("embedding"))
+            if mode == "hybrid":
+                # Keyword rank and vector rank fused: exact names and rare words count too.
+                results = articles.hybrid_search(query, k=RESULTS)
+            else:
+                results = articles.semantic_search(query, k=RESULTS)
+            context["results"] = list(results.defer("embedding"))
         except ImproperlyConfigured as exc:
             context["error"] = str(exc)
     return render(request, "demo/search.html", context)
