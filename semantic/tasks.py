@@ -24,6 +24,7 @@ from celery.signals import worker_process_init, worker_ready
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, transaction
+from django.db.models import BooleanField, ExpressionWrapper, Q
 
 from semantic import cache as embedding_cache
 from semantic.conf import semantic_settings
@@ -152,6 +153,26 @@ class StaleRows:
             cursor.execute(sql, params)
             return [row[0] for row in cursor.fetchall()]
 
+    def confirm(self, rows):
+        """Set the source hash of (pk, claimed_hash, new_hash) rows whose vector already fits.
+
+        For rows marked stale (update(), mark_stale(), a reindex) whose text
+        turned out unchanged: the vector and chunks stay, nothing is encoded
+        or rewritten. Guarded like ``write``. Returns the rows updated.
+        """
+        if not rows:
+            return 0
+        values = ", ".join([f"(CAST(%s AS {self.pk_type}), %s, %s)"] * len(rows))
+        sql = (
+            f"UPDATE {self.table} AS t SET {self.source_hash} = v.new_hash"
+            f" FROM (VALUES {values}) AS v(pk, claimed, new_hash)"
+            f" WHERE t.{self.pk} = v.pk AND t.{self.source_hash} IS NOT DISTINCT FROM v.claimed"
+            f" AND t.{self.vector_hash} = v.new_hash"
+        )
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, [value for row in rows for value in row])
+            return cursor.rowcount
+
     def replace_chunks(self, pks, chunks):
         """Give the rows ``pks`` exactly the chunks in ``chunks`` ({pk: [(Chunk, hash, vector)]}).
 
@@ -195,8 +216,25 @@ def embed_batch(field, using="default", claim_size=None, skip=()):
         claimed = stale.claim(claim_size or semantic_settings.CLAIM_SIZE, skip)
         if not claimed:
             return 0, 0, []
-        instances = field.model._base_manager.using(using).in_bulk(list(claimed))
+        # The stored vector is never read here; parsing it would cost more
+        # than the rest of the row.
+        has_vector = ExpressionWrapper(Q(**{f"{field.attname}__isnull": False}), output_field=BooleanField())
+        instances = (
+            field.model._base_manager.using(using)
+            .defer(field.attname)
+            .annotate(_semantic_has_vector=has_vector)
+            .in_bulk(list(claimed))
+        )
         texts = {pk: field.build_text(obj) for pk, obj in instances.items()}
+        # Marked stale but unchanged (update() of another column, a reindex):
+        # the vector already belongs to this text.
+        unchanged = []
+        for pk, text in list(texts.items()):
+            obj = instances[pk]
+            if text and obj._semantic_has_vector and getattr(obj, field.vector_hash_attname) == field.text_hash(text):
+                unchanged.append((pk, claimed[pk], field.text_hash(text)))
+                del instances[pk], texts[pk]
+        confirmed = stale.confirm(unchanged)
         pieces = _split(field, {pk: text for pk, text in texts.items() if text})
         keys = {pk: [encoder.text_hash(piece.text) for piece in row_pieces] for pk, row_pieces in pieces.items()}
         vectors = embedding_cache.get_vectors(sorted({key for row_keys in keys.values() for key in row_keys}))
@@ -234,7 +272,7 @@ def embed_batch(field, using="default", claim_size=None, skip=()):
             stale.replace_chunks(written, chunks)
     if failed_pks:
         logger.error("semantic: %s.%s rows %s could not be encoded and stay stale", field.model._meta.label, field.name, failed_pks)
-    return len(claimed), len(written), failed_pks
+    return len(claimed), len(written) + confirmed, failed_pks
 
 
 def _split(field, texts):
