@@ -9,4 +9,16 @@ SemanticManager, run a Celery worker, and search with
 from semantic.fields import EmbeddingField
 from semantic.querysets import SemanticManager, SemanticQuerySet
 
-__all__ = ["EmbeddingField", "SemanticManager", "SemanticQuerySet"]
+__all__ = ["EmbeddingField", "SemanticManager", "SemanticQuerySet", "SemanticAdminMixin", "EmbeddingStatusFilter"]
+
+# The admin names load django.contrib.admin: only when asked for, so that
+# importing semantic (while apps load, or without the admin) stays light.
+_ADMIN_NAMES = {"SemanticAdminMixin", "EmbeddingStatusFilter"}
+
+
+def __getattr__(name):
+    if name in _ADMIN_NAMES:
+        from semantic import admin
+
+        return getattr(admin, name)
+    raise AttributeError(f"module 'semantic' has no attribute {name!r}")
