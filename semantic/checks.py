@@ -5,6 +5,7 @@ EmbeddingField.check). None of them loads a model.
 
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError, ProgrammingError, transaction
 
 from semantic.conf import semantic_settings
 
@@ -35,3 +36,47 @@ def check_settings(app_configs=None, **kwargs):
             )
         )
     return errors
+
+
+@checks.register(checks.Tags.database)
+def check_vectors_of_other_encoders(app_configs=None, databases=None, **kwargs):
+    """semantic.W020: rows whose vectors were made under another encoder configuration.
+
+    A database check (``check --database default``, and ``migrate``): it
+    counts rows with one query per field and computes fingerprints from
+    settings and model files. A database that cannot answer (not migrated
+    yet, unreachable) yields no warning rather than a crash.
+    """
+    # Imported here, not at the top: status imports the Celery tasks, which
+    # AppConfig.ready (which imports this module) has no need to load.
+    from semantic.status import count_rows, embedding_fields_on
+
+    warnings = []
+    for using in databases or ():
+        for field in embedding_fields_on(using, app_configs):
+            try:
+                # A savepoint: a failed query must not break a caller's transaction.
+                with transaction.atomic(using=using):
+                    count = count_rows(field, using)["other_fingerprint"]
+            except ImproperlyConfigured:
+                continue  # a broken model alias, which semantic.E002 reports
+            except ProgrammingError:
+                continue  # this field's table or columns are not migrated yet
+            except DatabaseError:
+                break  # the database cannot answer: nothing to say about it
+            if count:
+                warnings.append(
+                    checks.Warning(
+                        f"{count} row(s) of {field.model._meta.label}.{field.name} have vectors made under "
+                        f"another encoder configuration than the current one; they are stale and will be "
+                        f"re-embedded; run the worker or semantic_reindex.",
+                        hint=(
+                            f"Model alias {field.model_alias!r} changed (model files, revision, prefix, "
+                            f"normalize, max_seq_length or chunking) since these rows were embedded. Until "
+                            f"they are re-embedded, searches compare new query vectors with old ones."
+                        ),
+                        obj=field,
+                        id="semantic.W020",
+                    )
+                )
+    return warnings

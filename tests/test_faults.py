@@ -1,21 +1,29 @@
-"""Faults against real services: workers in their own processes, killed and doubled."""
+"""Faults against real services: workers in their own processes, killed and doubled;
+Redis killed under saves; a row edited while the worker encodes it."""
 
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from urllib.parse import quote
 
 import numpy as np
 import pytest
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.test import override_settings
 
+from project import devservices
+from project.celery import app
 from semantic.encoders import get_encoder
-from semantic.signals import enqueue_embedding
-from semantic.tasks import StaleRows, sweep
-from tests.conftest import wait_until
+from semantic.signals import enqueue_embedding, release_wake_key
+from semantic.tasks import StaleRows, embed_batch, embed_stale_rows, sweep
+from tests.conftest import unique_text, wait_until
 from tests.testapp.models import Note
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -28,14 +36,14 @@ def faults_settings():
     return override_settings(SEMANTIC={**settings.SEMANTIC, "QUEUE": FAULT_QUEUE})
 
 
-def start_worker_process(name, tmp_path):
-    """A real `celery worker` process on the test database and the test Redis."""
+def start_worker_process(name, tmp_path, redis_url=None):
+    """A real `celery worker` process on the test database and the test Redis (or ``redis_url``)."""
     db = connection.settings_dict
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "DATABASE_URL": f"postgres://{db['USER']}@{quote(db['HOST'], safe='')}/{db['NAME']}",
-        "REDIS_URL": settings.REDIS_URL,
+        "REDIS_URL": redis_url or settings.REDIS_URL,
     }
     log = open(tmp_path / f"{name}.log", "w")
     return subprocess.Popen(
@@ -69,6 +77,7 @@ def assert_every_vector_matches_its_text(sample=25):
 
 
 def make_backlog(count, tag):
+    tag = unique_text(tag)  # texts an earlier run cached would not be encoded
     with faults_settings(), transaction.atomic():
         Note.objects.bulk_create([Note(title=f"Backlog row {i} {tag}", body="lorem ipsum " * (i % 7)) for i in range(count)])
 
@@ -109,3 +118,215 @@ def test_worker_killed_mid_batch_loses_nothing(tmp_path, request):
     finally:
         stop(survivor)
     assert_every_vector_matches_its_text()
+
+
+class ThrowawayRedis:
+    """A redis-server of one test's own, to kill and restart on the same port.
+
+    The shared Redis of the test run keeps running: other tests, and other
+    slots' runs, use it.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.port = devservices.free_port()
+        self.process = None
+
+    @property
+    def url(self):
+        # The test settings put a worker on Redis database TEST_SLOT whatever
+        # REDIS_URL says; this process must use the same one.
+        return f"redis://127.0.0.1:{self.port}/{settings.TEST_SLOT}"
+
+    def start(self):
+        self.process = devservices.start_redis_server(self.folder, self.port)
+
+    def kill(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path):
+    server = ThrowawayRedis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def _use_broker(url):
+    app.conf.broker_url = url
+    # Celery caches its producer pool; kombu keys pools by URL, so the next
+    # publish finds (or makes) the pool for the new URL.
+    app.amqp._producer_pool = None
+
+
+@contextmanager
+def redis_at(url):
+    """Point this process's cache and Celery broker at ``url`` for the block.
+
+    An in-thread test worker started by other tests keeps the connection it
+    consumes on; only what this process sends and caches moves.
+    """
+    previous = app.conf.broker_url
+    with override_settings(CACHES={"default": {**settings.CACHES["default"], "LOCATION": url}}):
+        _use_broker(url)
+        try:
+            yield
+        finally:
+            _use_broker(previous)
+
+
+def test_saves_succeed_while_redis_is_down_and_are_embedded_when_it_is_back(throwaway_redis, tmp_path, semantic_logs):
+    worker = None
+    try:
+        with redis_at(throwaway_redis.url), faults_settings():
+            # Saved while Redis is up, so the cache and broker connections
+            # exist; their wake-ups die with the server (it keeps nothing).
+            existing = Note.objects.create(title=unique_text("Saved before the outage"))
+            Note.objects.create(title=unique_text("Also saved before the outage"))
+            throwaway_redis.kill()
+
+            def rename_existing():
+                existing.title = unique_text("Edited during the outage")
+                existing.save()
+
+            saves = {
+                "create": lambda: Note.objects.create(title=unique_text("Created during the outage")),
+                "save": rename_existing,
+                "bulk_create": lambda: Note.objects.bulk_create(
+                    [Note(title=unique_text(f"Bulk created during the outage {i}")) for i in range(3)]
+                ),
+                "update": lambda: Note.objects.exclude(pk=existing.pk).filter(title__startswith="Also").update(
+                    title=unique_text("Updated during the outage")
+                ),
+            }
+            for name, save in saves.items():
+                semantic_logs.clear()
+                started = time.monotonic()
+                save()
+                elapsed = time.monotonic() - started
+                # About 0.03 s. Celery's default publish retries made it 0.65 s
+                # (so the bound is below that), retry=False up to 6 s.
+                assert elapsed < 0.5, f"{name} took {elapsed:.2f}s with Redis down"
+                assert any(
+                    record.levelno == logging.WARNING and "could not enqueue embedding" in record.getMessage()
+                    for record in semantic_logs.records
+                ), f"{name} logged no warning"
+            rows = Note.objects.count()
+            assert rows == 6 and stale_count() == rows
+
+            throwaway_redis.start()  # empty: every wake-up sent so far is gone
+            worker = start_worker_process("after-outage", tmp_path, redis_url=throwaway_redis.url)
+            # What Celery beat would run within minutes.
+            assert sweep()["testapp.Note.embedding"] == rows
+            wait_until(lambda: stale_count() == 0, timeout=180, message="the worker to embed the rows saved during the outage")
+    finally:
+        if worker is not None:
+            stop(worker)
+    assert_every_vector_matches_its_text(sample=rows)
+
+
+@pytest.fixture
+def unreachable_port():
+    """A loopback port where connecting hangs, as with a host that drops packets.
+
+    A listener that never accepts, its backlog filled: the kernel drops
+    further connection attempts instead of refusing them.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(4)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+    try:
+        time.sleep(0.1)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.3).close()
+            pytest.skip("this kernel accepts connections beyond a full backlog")
+        except TimeoutError:
+            pass
+        yield port
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
+
+
+def test_a_save_fails_fast_when_redis_is_unreachable(unreachable_port, semantic_logs):
+    with redis_at(f"redis://127.0.0.1:{unreachable_port}/{settings.TEST_SLOT}"), faults_settings():
+        started = time.monotonic()
+        Note.objects.create(title=unique_text("Saved while Redis is unreachable"))
+        elapsed = time.monotonic() - started
+    # The cache's connect timeout (0.5 s, settings) plus PUBLISH_TIMEOUT
+    # (0.5 s). Without them: 5 s for the cache, then 135 s for the broker.
+    assert elapsed < 2.0, f"the save took {elapsed:.2f}s"
+    assert any("could not enqueue embedding" in record.getMessage() for record in semantic_logs.records)
+    assert stale_count() == 1
+
+
+def discard_wake_ups():
+    """Drop the Note wake-ups a test sent to the fault queue and had no worker take.
+
+    Their coalescing key goes too: left behind, it would swallow the next
+    test's wake-up for up to COALESCE_SECONDS.
+    """
+    with app.connection_for_write() as broker:
+        broker.default_channel.queue_purge(FAULT_QUEUE)
+    release_wake_key(Note, "embedding", "default")
+
+
+def test_row_edited_while_its_old_text_is_encoded_ends_with_its_newest_vector(monkeypatch):
+    old_text, new_text = unique_text("The old text, being encoded"), unique_text("The new text, saved meanwhile")
+    edited = []
+
+    def save_new_text_from_another_connection(pk):
+        try:
+            row = Note.objects.get(pk=pk)
+            row.title = new_text
+            row.save()
+            edited.append(pk)
+        finally:
+            connections.close_all()  # this thread's connection
+
+    try:
+        # Wake-ups go to the fault queue, which no worker consumes during this
+        # test: the direct calls below are the only worker.
+        with faults_settings():
+            field = Note._meta.get_field("embedding")
+            encoder = field.encoder
+            real_encode = encoder.encode
+            test_thread = threading.get_ident()
+
+            def encode_then_edit(texts, **kwargs):
+                # The real model runs on the old text; then, before the
+                # vector is written back, a user saves a new text.
+                result = real_encode(texts, **kwargs)
+                if threading.get_ident() == test_thread and not edited:
+                    editor = threading.Thread(target=save_new_text_from_another_connection, args=(note.pk,))
+                    editor.start()
+                    editor.join(30)
+                    assert not editor.is_alive(), "the save waited for the worker's transaction"
+                return result
+
+            monkeypatch.setattr(encoder, "encode", encode_then_edit)
+            note = Note.objects.create(title=old_text)
+
+            assert embed_batch(field) == (1, 0, [])
+            assert edited == [note.pk], "encode() did not run, so nothing was edited during it"
+            # The write-back skipped the row: no vector for the old text.
+            row = Note.objects.get(pk=note.pk)
+            assert row.title == new_text
+            assert row.embedding is None and row.embedding_vector_hash is None
+            assert stale_count() == 1
+
+            assert embed_stale_rows(field)["written"] == 1
+            row = Note.objects.get(pk=note.pk)
+            assert row.embedding_vector_hash == row.embedding_source_hash == field.compute_source_hash(row)
+            [expected], _ = real_encode([new_text])
+            assert np.allclose(row.embedding, expected, atol=1e-4)
+    finally:
+        discard_wake_ups()

@@ -1,5 +1,7 @@
 """The write path end to end: save -> coalesced task -> real worker -> vector."""
 
+import uuid
+
 import numpy as np
 import pytest
 from django.db import transaction
@@ -20,9 +22,14 @@ def embedded(*notes):
     return all(embedding_of(n) is not None for n in notes)
 
 
+# The hashed-text cache outlives tests and test runs (the shared Redis keeps
+# running): a text seen by an earlier run would be a cache hit, not encoded.
+RUN = uuid.uuid4().hex
+
+
 def unique(text, request):
-    # Texts unique to the test: the hashed-text cache outlives single tests.
-    return f"{text} [{request.node.nodeid}]"
+    # Texts unique to the test and the run.
+    return f"{text} [{request.node.nodeid} {RUN}]"
 
 
 def test_save_is_embedded_by_the_worker(celery_worker, request):
