@@ -80,3 +80,151 @@ def check_vectors_of_other_encoders(app_configs=None, databases=None, **kwargs):
                     )
                 )
     return warnings
+
+
+def _model_location_problem(config):
+    """Why the model of ``config`` cannot load offline, or None. Reads no weights."""
+    import os
+    from pathlib import Path
+
+    from semantic.encoders import model_location
+
+    try:
+        location = model_location(config)
+    except ImproperlyConfigured as exc:
+        return str(exc)
+    path = Path(location)
+    if path.is_dir():
+        if not any(path.iterdir()):
+            return f"{location} is an empty directory."
+        return None
+    looks_local = path.is_absolute() or location.startswith((".", "~"))
+    if config["package"] or looks_local or path.exists():
+        return f"{location} is not a model directory."
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"{location!r} is a hub id, and HF_HUB_OFFLINE is set: it cannot be downloaded."
+    return None
+
+
+@checks.register("semantic")
+def check_model_files(app_configs=None, **kwargs):
+    """semantic.E011: every model alias (and the reranker) points at something loadable offline."""
+    errors = []
+    try:
+        aliases = list(semantic_settings.MODELS)
+    except ImproperlyConfigured:
+        return []  # reported by semantic.E010
+    for alias in aliases:
+        try:
+            config = semantic_settings.model_config(alias)
+        except ImproperlyConfigured:
+            continue  # reported by semantic.E010
+        problem = _model_location_problem(config)
+        if problem:
+            errors.append(
+                checks.Error(
+                    f"Model alias {alias!r} cannot be loaded: {problem}",
+                    hint="Point 'path' at a sentence-transformers model directory, or 'package' at an "
+                    "installed package that carries one in its 'model' folder.",
+                    id="semantic.E011",
+                )
+            )
+    if semantic_settings.RERANKER is not None:
+        from semantic.rerank import reranker_config
+
+        try:
+            problem = _model_location_problem(reranker_config())
+        except ImproperlyConfigured as exc:
+            problem = str(exc)
+        if problem:
+            errors.append(
+                checks.Error(
+                    f"SEMANTIC['RERANKER'] cannot be loaded: {problem}",
+                    hint="Set it to a CrossEncoder directory (or None to turn reranking off).",
+                    id="semantic.E012",
+                )
+            )
+    return errors
+
+
+# pgvector releases that features of this app need.
+ITERATIVE_SCAN_VERSION = (0, 8, 0)
+
+
+@checks.register(checks.Tags.database)
+def check_pgvector(app_configs=None, databases=None, **kwargs):
+    """semantic.E020 / W021: pgvector is available, and new enough for iterative scans.
+
+    E020 when the server has no pgvector at all (nothing can be stored);
+    W021 when the installed version predates 0.8, so a filtered index
+    search may return fewer than k rows (set ITERATIVE_SCAN "off" to accept
+    that, or upgrade). Not created yet is fine: migrate creates it.
+    """
+    from django.db import connections
+
+    results = []
+    for using in databases or ():
+        connection = connections[using]
+        if connection.vendor != "postgresql":
+            continue
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),"
+                    " EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')"
+                )
+                installed, available = cursor.fetchone()
+        except DatabaseError:
+            continue
+        if not installed and not available:
+            results.append(
+                checks.Error(
+                    f"Database {using!r} has no pgvector extension available.",
+                    hint="Install pgvector on the PostgreSQL server (e.g. the pgvector/pgvector Docker "
+                    "image, or the postgresql-NN-pgvector package).",
+                    id="semantic.E020",
+                )
+            )
+        elif installed and _version(installed) < ITERATIVE_SCAN_VERSION and semantic_settings.ITERATIVE_SCAN != "off":
+            results.append(
+                checks.Warning(
+                    f"Database {using!r} has pgvector {installed}; iterative index scans need 0.8.0.",
+                    hint="Upgrade pgvector (ALTER EXTENSION vector UPDATE), or set "
+                    "SEMANTIC['ITERATIVE_SCAN'] = 'off' and accept that a filtered index search may "
+                    "return fewer than k rows.",
+                    id="semantic.W021",
+                )
+            )
+    return results
+
+
+def _version(text):
+    parts = []
+    for part in text.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+@checks.register(checks.Tags.compatibility, deploy=True)
+def check_broker(app_configs=None, **kwargs):
+    """semantic.W030 (deploy): the Celery broker that carries wake-ups answers.
+
+    Saves never fail without it (rows stay stale in the database), but
+    nothing is embedded until a worker hears of them or the sweep runs.
+    """
+    from celery import current_app
+
+    try:
+        with current_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+    except Exception as exc:  # any transport error means the same thing here
+        return [
+            checks.Warning(
+                f"The Celery broker ({current_app.conf.broker_url or 'not configured'}) is unreachable: {exc}",
+                hint="Saves still succeed, but no worker hears of new rows until it is back "
+                "(the periodic semantic.sweep catches up). Check CELERY_BROKER_URL.",
+                id="semantic.W030",
+            )
+        ]
+    return []

@@ -302,7 +302,57 @@ class EmbeddingField(VectorField):
     # --- checks ---------------------------------------------------------------
 
     def check(self, **kwargs):
-        return [*super().check(**kwargs), *self._check_source(), *self._check_model(), *self._check_chunks()]
+        return [
+            *super().check(**kwargs),
+            *self._check_source(),
+            *self._check_model(),
+            *self._check_chunks(),
+            *self._check_index(),
+        ]
+
+    def _check_index(self):
+        """semantic.E006 (unknown metric), W001 (no vector index), W002 (index of another metric)."""
+        from semantic.distances import METRICS
+
+        if self.metric not in METRICS:
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} has unknown metric {self.metric!r}.",
+                    hint=f"Use one of: {', '.join(METRICS)}.",
+                    obj=self,
+                    id="semantic.E006",
+                )
+            ]
+        vector_indexes = [
+            index
+            for index in self.model._meta.indexes
+            if self.name in getattr(index, "fields", ()) and type(index).__name__ in ("HnswIndex", "IvfflatIndex")
+        ]
+        if not vector_indexes:
+            return [
+                checks.Warning(
+                    f"{self.model.__name__}.{self.name} has no vector index: every search scans the whole table.",
+                    hint=(
+                        "Add to Meta: indexes = [HnswIndex(name=\"%s_%s_hnsw\", fields=[\"%s\"], "
+                        "opclasses=[\"%s\"])] (from pgvector.django import HnswIndex), then makemigrations."
+                        % (self.model._meta.model_name[:14], self.name[:9], self.name, self.opclass)
+                    ),
+                    obj=self,
+                    id="semantic.W001",
+                )
+            ]
+        wrong = [index.name for index in vector_indexes if self.opclass not in getattr(index, "opclasses", ())]
+        if len(wrong) == len(vector_indexes):
+            return [
+                checks.Warning(
+                    f"{self.model.__name__}.{self.name} searches by {self.metric} distance, but its vector "
+                    f"index ({', '.join(wrong)}) is built for another operator class, so searches cannot use it.",
+                    hint=f"Build the index with opclasses=[{self.opclass!r}].",
+                    obj=self,
+                    id="semantic.W002",
+                )
+            ]
+        return []
 
     def _check_source(self):
         if self.source is None:

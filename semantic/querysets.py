@@ -128,7 +128,9 @@ class SemanticQuerySet(models.QuerySet):
         """Rows ordered by distance to the embedding of ``query``.
 
         Annotates ``distance`` and ``score`` (similarity, higher is closer;
-        see semantic.distances for each metric). Rows without a vector are
+        see semantic.distances for each metric). Rows without a vector, and
+        rows whose vector was made under another encoder configuration (model,
+        prefix, normalisation, chunking) until the worker re-embeds them, are
         left out. The result is an ordinary lazy QuerySet: filter it before
         or after, slice it, or pass ``k``. ``min_score`` keeps rows at least
         that similar.
@@ -229,6 +231,9 @@ class SemanticQuerySet(models.QuerySet):
             by_chunk = embedding_field.chunk_model is not None
         if by_chunk and embedding_field.chunk_model is None:
             raise ImproperlyConfigured(f"{self.model.__name__}.{embedding_field.name} stores no chunks (chunks=False).")
+        # Vectors made under another encoder configuration live in another
+        # space: until the worker re-embeds them, they are left out.
+        current = {f"{embedding_field.vector_hash_attname}__startswith": embedding_field.fingerprint}
         if by_chunk:
             # Each row scores as its best chunk; the chunk is kept as best_chunk.
             plan.chunk_model = embedding_field.chunk_model
@@ -238,14 +243,14 @@ class SemanticQuerySet(models.QuerySet):
                 .annotate(_distance=plan.chunk_distance)
                 .order_by("_distance", "index")
             )
-            queryset = self.filter(**{f"{embedding_field.name}__isnull": False}).annotate(
+            queryset = self.filter(**{f"{embedding_field.name}__isnull": False}, **current).annotate(
                 distance=models.Subquery(best.values("_distance")[:1], output_field=FloatField()),
                 best_chunk_id=models.Subquery(best.values("pk")[:1]),
             ).filter(distance__isnull=False)
             if min_score is not None:
                 plan.max_distance = metric.max_distance(min_score)
         else:
-            queryset = self.filter(**{f"{embedding_field.name}__isnull": False}).annotate(
+            queryset = self.filter(**{f"{embedding_field.name}__isnull": False}, **current).annotate(
                 distance=metric.distance(embedding_field.name, vector)
             )
             if min_score is not None:

@@ -235,3 +235,20 @@ def test_inner_product_metric_ranks_and_scores_by_dot_product(django_db_blocker)
     # min_score is a lower bound on the dot product.
     floor = results[4].score
     assert [r.pk for r in IpPassage.objects.nearest(query, min_score=floor, exact=True)] == expected[:5]
+
+
+@pytest.mark.django_db
+def test_vectors_of_another_encoder_configuration_are_left_out(passages):
+    ids, vectors = passages
+    field = Passage._meta.get_field("embedding")
+    query = vectors[7]
+    top = [r.pk for r in Passage.objects.nearest(query, k=3, exact=True)]
+    assert top[0] == ids[7]
+    # As if row 7 had been embedded by another model: same text, other fingerprint.
+    other = "f" * len(field.fingerprint) if not field.fingerprint.startswith("f") else "0" * len(field.fingerprint)
+    row = Passage.objects.get(pk=ids[7])
+    Passage.objects.filter(pk=ids[7]).update(
+        **{field.vector_hash_attname: other + getattr(row, field.vector_hash_attname)[len(other):]}
+    )
+    assert ids[7] not in [r.pk for r in Passage.objects.nearest(query, k=3, exact=True)]
+    assert ids[7] not in [r.pk for r in Passage.objects.nearest(query, k=3, exact=False)]
