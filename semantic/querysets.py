@@ -201,8 +201,9 @@ class SemanticQuerySet(models.QuerySet):
 
         * ``exact=True`` disables index scans: every row that passes the
           filters is compared, so the top k are exact.
-        * ``exact=False`` uses the HNSW/IVFFlat index with iterative scans
-          (pgvector >= 0.8), so a filtered search still returns k rows.
+        * ``exact=False`` uses the HNSW/IVFFlat index (sequential scans off)
+          with iterative scans (pgvector >= 0.8), so a filtered search still
+          returns k rows.
         * ``exact=None`` (default) is exact when the filters leave at most
           SEMANTIC["EXACT_SEARCH_THRESHOLD"] rows by the planner's estimate,
           when the search is not sliced, or when k exceeds what an index scan
@@ -530,6 +531,10 @@ class SemanticQuerySet(models.QuerySet):
         if limit is not None:
             ef_search = max(ef_search, limit)
         values = {
+            # The index is wanted: on a small table the planner would rather
+            # sort the whole table. A selective filter can still be served by
+            # a B-tree bitmap scan, which is exact.
+            "enable_seqscan": "off",
             "hnsw.ef_search": min(int(ef_search), MAX_INDEX_LIMIT),
             "hnsw.iterative_scan": mode,
             # IVFFlat knows no strict order.
