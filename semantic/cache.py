@@ -77,6 +77,18 @@ def set_vectors(vectors_by_hash):
         logger.warning("semantic: could not write the embedding cache", exc_info=True)
 
 
+def delete_vectors(hashes):
+    """Forget the cached vectors of ``hashes``, so their texts are encoded again.
+
+    Unlike the other functions here it raises when the cache cannot be
+    reached: a caller asking to re-encode must learn that it did not happen.
+    """
+    cache = get_cache()
+    keys = sorted({KEY_PREFIX + h for h in hashes})
+    if cache is not None and keys:
+        cache.delete_many(keys)
+
+
 def fingerprint_of(text_hash):
     """The encoder fingerprint a text hash (a cache key without its prefix) begins with."""
     return text_hash[:FINGERPRINT_LENGTH]

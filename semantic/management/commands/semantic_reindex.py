@@ -113,20 +113,15 @@ def forget_cached_vectors(field, rows, using):
     The keys are the row's vector hash (a field without chunks: the same
     string as the cache key) or its chunks' text hashes.
     """
-    cache = embedding_cache.get_cache()
-    if cache is None:
-        return
     if field.chunk_model is None:
         hashes = rows.exclude(**{field.vector_hash_attname: None}).values_list(field.vector_hash_attname, flat=True)
     else:
         owners = rows.values("pk")
         hashes = field.chunk_model._base_manager.using(using).filter(owner__in=owners).values_list("text_hash", flat=True)
-    keys = sorted({embedding_cache.KEY_PREFIX + text_hash for text_hash in hashes})
-    if keys:
-        try:
-            cache.delete_many(keys)
-        except Exception as exc:
-            raise CommandError(f"--force could not drop cached vectors (is the cache reachable?): {first_line(exc)}") from exc
+    try:
+        embedding_cache.delete_vectors(hashes)
+    except Exception as exc:
+        raise CommandError(f"--force could not drop cached vectors (is the cache reachable?): {first_line(exc)}") from exc
 
 
 # --- resuming ------------------------------------------------------------------
