@@ -22,7 +22,7 @@ from django.db.models import Case, FloatField, IntegerField, Value, When
 from django.db.models.query import ModelIterable
 
 from semantic.conf import semantic_settings
-from semantic.distances import get_metric
+from semantic.distances import get_metric, query_value
 from semantic.fields import STALE_MARKER, EmbeddingField, embedding_fields
 from semantic.signals import schedule_embedding
 
@@ -226,7 +226,7 @@ class SemanticQuerySet(models.QuerySet):
             raise ValueError(f"iterative_scan must be one of {', '.join(ITERATIVE_SCAN_MODES)}, not {iterative_scan!r}.")
         embedding_field = self._embedding_field(field)
         metric = get_metric(embedding_field.metric)
-        vector = _as_query_vector(vector, embedding_field)
+        vector = query_value(_as_query_vector(vector, embedding_field))
         plan = SearchPlan(exact=exact, ef_search=ef_search, probes=probes, iterative_scan=iterative_scan)
         if by_chunk is None:
             by_chunk = embedding_field.chunk_model is not None

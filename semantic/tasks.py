@@ -19,7 +19,6 @@ import logging
 import time
 import zlib
 
-import numpy as np
 from celery import shared_task
 from celery.signals import worker_process_init, worker_ready
 from django.apps import apps
@@ -29,6 +28,7 @@ from django.db.models import BooleanField, ExpressionWrapper, Q
 
 from semantic import cache as embedding_cache
 from semantic.conf import semantic_settings
+from semantic.distances import vector_literal
 from semantic.fields import EmbeddingField
 from semantic.signals import enqueue_embedding, release_wake_key
 
@@ -200,16 +200,6 @@ class StaleRows:
                     f"INSERT INTO {qn(meta.db_table)} ({columns}) VALUES {', '.join([placeholder] * len(batch))}",
                     [value for row in batch for value in row],
                 )
-
-
-def vector_literal(vector):
-    """pgvector's text form of a float32 vector, exact and short.
-
-    Nine significant digits round-trip every float32; pgvector's own
-    formatting widens to float64 first, which doubles both the text and the
-    time to build it (measured: 0.49 ms vs 0.21 ms for 384 dimensions).
-    """
-    return "[" + ",".join(["%.9g" % value for value in np.asarray(vector, dtype=np.float32).tolist()]) + "]"
 
 
 def embed_batch(field, using="default", claim_size=None, skip=()):
