@@ -54,6 +54,11 @@ DEFAULTS = {
     # Seconds during which further saves of the same (model, field) do not
     # enqueue another wake-up: a burst of saves becomes one task.
     "COALESCE_SECONDS": 30,
+    # CPU threads torch may use (torch.set_num_threads) once a model loads.
+    # None keeps torch's default, one per core: right for a worker that owns
+    # the machine, too many where web processes or PostgreSQL share the
+    # cores (measured: a cross-encoder 10x slower on 2 shared cores).
+    "TORCH_THREADS": None,
     # Load the models that embedding fields use when a worker starts, so the
     # first task does not pay for importing torch and reading weights.
     "WARM_UP": True,

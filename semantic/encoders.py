@@ -123,6 +123,16 @@ def encode_with_backoff(encode, texts, batch_size, *, on_out_of_memory=None):
     return vectors, failed
 
 
+def apply_torch_threads():
+    """Apply SEMANTIC["TORCH_THREADS"] (process-wide) before a model runs."""
+    threads = semantic_settings.TORCH_THREADS
+    if threads:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(int(threads))
+
+
 def model_location(config):
     """The path or hub id SentenceTransformer should load for ``config``."""
     if config["package"]:
@@ -235,6 +245,7 @@ class Encoder:
 
         # Weight-loading progress bars are noise in worker logs.
         transformers_logging.disable_progress_bar()
+        apply_torch_threads()
 
         device = self.device
         logger.info("Loading semantic model %r from %s on %s", self.alias, self.location, device)

@@ -37,6 +37,7 @@ from django.core.signals import setting_changed
 from semantic.conf import SETTING_NAME, semantic_settings
 from semantic.encoders import (
     _release_accelerator_memory,
+    apply_torch_threads,
     batch_size_for,
     clean_text,
     encode_with_backoff,
@@ -138,6 +139,7 @@ class Reranker:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+        apply_torch_threads()
         logger.info("Loading semantic reranker from %s on %s", self.location, self.device)
         try:
             model = CrossEncoder(

@@ -48,7 +48,8 @@ def test_source_may_name_fields_properties_methods_or_be_a_callable():
         def describe(self):
             return "described"
 
-    assert not [i for i in check_ids(Fine) if i.startswith("semantic")]
+    # Only the advice to add a vector index (W001): the sources are all fine.
+    assert not [i for i in check_ids(Fine) if i.startswith("semantic") and i != "semantic.W001"]
     obj = Fine(title="t")
     assert Fine._meta.get_field("embedding").build_text(obj) == "t\n\nlabel\n\ndescribed"
     assert Fine._meta.get_field("other").build_text(obj) == "T"
@@ -248,3 +249,17 @@ def test_batch_size_per_device(setting, device, expected):
     from semantic.encoders import batch_size_for
 
     assert batch_size_for(device, setting) == expected
+
+
+def test_torch_threads_setting_applies_when_a_model_loads(settings):
+    import torch
+
+    from semantic.encoders import get_encoder
+
+    before = torch.get_num_threads()
+    try:
+        settings.SEMANTIC = {**settings.SEMANTIC, "TORCH_THREADS": 1}
+        get_encoder("tiny").model
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
