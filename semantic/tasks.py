@@ -235,11 +235,14 @@ def embed_batch(field, using="default", claim_size=None, skip=()):
         texts = {pk: field.build_text(obj) for pk, obj in instances.items()}
         # Marked stale but unchanged (update() of another column, a reindex):
         # the vector already belongs to this text.
+        # Each text hashed once: it decides "unchanged" here and is the new
+        # source hash written below.
+        row_hashes = {pk: field.text_hash(text) for pk, text in texts.items() if text}
         unchanged = []
-        for pk, text in list(texts.items()):
+        for pk, row_hash in row_hashes.items():
             obj = instances[pk]
-            if text and obj._semantic_has_vector and getattr(obj, field.vector_hash_attname) == field.text_hash(text):
-                unchanged.append((pk, claimed[pk], field.text_hash(text)))
+            if obj._semantic_has_vector and getattr(obj, field.vector_hash_attname) == row_hash:
+                unchanged.append((pk, claimed[pk], row_hash))
                 del instances[pk], texts[pk]
         confirmed = stale.confirm(unchanged)
         pieces = _split(field, {pk: text for pk, text in texts.items() if text})
@@ -272,7 +275,7 @@ def embed_batch(field, using="default", claim_size=None, skip=()):
                 continue
             row_vectors = [vectors[key] for key in keys[pk]]
             vector = weighted_mean(row_vectors, [piece.tokens for piece in pieces[pk]], normalize)
-            rows.append((pk, claimed[pk], field.text_hash(texts[pk]), vector_literal(vector)))
+            rows.append((pk, claimed[pk], row_hashes[pk], vector_literal(vector)))
             chunks[pk] = list(zip(pieces[pk], keys[pk], row_vectors))
         written = stale.write_returning_pks(rows)
         if field.chunk_model is not None:
