@@ -35,7 +35,7 @@ def main():
 
     from semantic import cache
     from semantic.encoders import get_encoder
-    from semantic.tasks import embed_stale_rows
+    from semantic.worker import embed_stale_rows
     from project.demo.corpus import iter_articles
     from project.demo.models import Article
 
@@ -72,7 +72,7 @@ def main():
             )
             saved = time.perf_counter()
             totals = embed_stale_rows(field, time_budget=3600, claim_size=claim_size)
-            assert totals["written"] == len(articles), totals
+            assert totals.written == len(articles), totals
             worker_seconds[tag or "plain"] = time.perf_counter() - saved
             return time.perf_counter() - start
 
@@ -89,7 +89,7 @@ def main():
         Article.objects.mark_stale()
         start = time.perf_counter()
         totals = embed_stale_rows(field, time_budget=3600)
-        assert totals["written"] == len(articles), totals
+        assert totals.written == len(articles), totals
         results["re-embed after mark_stale(), texts unchanged"] = unchanged = time.perf_counter() - start
         results["pipeline: one row per claim (like one task per row)"] = per_row = load_and_embed(" [per-row]", claim_size=1) if len(articles) <= 400 else None
         if per_row is None:

@@ -25,10 +25,11 @@ on any changelist. What the mixin adds:
   the list shows, with a link to the other kind of search;
 * a *Relevance* column while the list is ranked, and the ranking as the
   list's order (a click on a column header sorts by that column first);
-* an *Embedding status* column and list filter (fresh, stale, missing, no
-  text), read from the field's hash columns;
-* the actions *Re-embed selected* (mark stale and wake a worker now) and
-  *Mark selected stale* (the next wake-up or the periodic sweep embeds them);
+* an *Embedding status* column and list filter, by semantic.status (a
+  failed row shows its error when hovered);
+* the actions *Re-embed selected* (mark stale and wake a worker now; also
+  retries failed rows) and *Mark selected stale* (the next wake-up or the
+  periodic sweep embeds them);
 * vectors shown read-only and short ("384 dims: [0.012, -0.034, …]"), never
   as form inputs: an EmbeddingField named in ``list_display``,
   ``readonly_fields``, ``fields`` or ``fieldsets`` is shown that way too.
@@ -53,26 +54,17 @@ from django.contrib.admin.views.main import (
     ChangeList,
 )
 from django.core.exceptions import ImproperlyConfigured
-from django.db.models import F, Q, QuerySet
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from semantic.fields import STALE_MARKER, EmbeddingField, embedding_fields
+from semantic import status
+from semantic.fields import EmbeddingField, embedding_fields, get_embedding_field
 
 logger = logging.getLogger("semantic")
 
 SEARCH_MODE_VAR = "search_mode"
 AUTO, SEMANTIC, HYBRID, KEYWORD = "auto", "semantic", "hybrid", "keyword"
 MODE_LABELS = {AUTO: "Auto", SEMANTIC: "Semantic", HYBRID: "Hybrid", KEYWORD: "Keyword"}
-
-FRESH, STALE, MISSING, NO_TEXT = "fresh", "stale", "missing", "no_text"
-STATUS_LABELS = {FRESH: "fresh", STALE: "stale", MISSING: "missing", NO_TEXT: "no text"}
-STATUS_HELP = {
-    FRESH: "The vector was made from the row's current text by the current model.",
-    STALE: "The text or the model changed since the vector was made; a worker will re-embed it.",
-    MISSING: "The row has text but no vector yet; a worker will embed it.",
-    NO_TEXT: "The row's source text is empty: it needs no vector.",
-}
 
 # Terms the Auto mode hands to the keyword search: ids and numbers ("1234",
 # "#1234", "12.5", "2005-03-01"), UUIDs, and quoted phrases.
@@ -97,41 +89,8 @@ def keyword_reason(term):
 # --- embedding status ----------------------------------------------------------
 
 
-def embedding_status(field, obj):
-    """``obj``'s status for ``field``: FRESH, STALE, MISSING or NO_TEXT.
-
-    The same definitions as ``embedding_status_q``: no text = no source hash;
-    missing = text but no vector; fresh = the vector hash equals the source
-    hash and carries the field's current fingerprint; stale otherwise.
-    """
-    source_hash = getattr(obj, field.source_hash_attname)
-    if source_hash is None:
-        return NO_TEXT
-    if getattr(obj, field.attname) is None:
-        return MISSING
-    if getattr(obj, field.vector_hash_attname) == source_hash and source_hash.startswith(field.fingerprint):
-        return FRESH
-    return STALE
-
-
-def embedding_status_q(field, status):
-    """A Q selecting the rows whose ``field`` has ``status`` (see ``embedding_status``)."""
-    source, vector_hash = field.source_hash_attname, field.vector_hash_attname
-    if status == NO_TEXT:
-        return Q(**{f"{source}__isnull": True})
-    if status == MISSING:
-        return Q(**{f"{source}__isnull": False, f"{field.attname}__isnull": True})
-    embedded = Q(**{f"{source}__isnull": False, f"{field.attname}__isnull": False})
-    fresh = Q(**{vector_hash: F(source), f"{source}__startswith": field.fingerprint})
-    if status == FRESH:
-        return embedded & fresh
-    if status == STALE:
-        return embedded & ~fresh  # Django's negation keeps rows whose vector hash is NULL
-    raise ValueError(f"Unknown embedding status {status!r}.")
-
-
 class EmbeddingStatusFilter(admin.SimpleListFilter):
-    """List filter by embedding status: fresh, stale, missing, no text.
+    """List filter by embedding status (semantic.status: fresh, stale, missing, other model, failed, no text).
 
     ``SemanticAdminMixin`` adds one per EmbeddingField; for a list_filter of
     your own use ``EmbeddingStatusFilter.for_field("embedding")``.
@@ -155,25 +114,28 @@ class EmbeddingStatusFilter(admin.SimpleListFilter):
         )
 
     def lookups(self, request, model_admin):
-        return list(STATUS_LABELS.items())
+        return [(state, status.LABELS[state]) for state in status.STATES]
 
     def queryset(self, request, queryset):
-        if self.value() not in STATUS_LABELS:
+        if self.value() not in status.STATES:
             return None
-        return queryset.filter(embedding_status_q(_embedding_field(queryset.model, self.field_name), self.value()))
+        return queryset.filter(status.status_q(get_embedding_field(queryset.model, self.field_name), self.value()))
 
 
-def _embedding_field(model, name=None):
-    fields = embedding_fields(model)
-    if name is not None:
-        fields = [f for f in fields if f.name == name]
-    if len(fields) != 1:
-        names = ", ".join(f.name for f in embedding_fields(model)) or "none"
-        raise ImproperlyConfigured(
-            f"{model.__name__} has embedding fields {names}: name the one to use"
-            + (f" ({name!r} is not one of them)." if name is not None else ".")
-        )
-    return fields[0]
+def status_html(field, obj, with_name=False):
+    """``obj``'s embedding status as a labelled span; a failed row's error in its title."""
+    state = status.embedding_status(field, obj)
+    title = status.DESCRIPTIONS[state]
+    if state == status.FAILED:
+        attempts, error = status.failure(field, obj)
+        title = f"{title} {attempts} attempt(s): {error}"
+    return format_html(
+        '<span class="semantic-status semantic-status-{}" title="{}">{}{}</span>',
+        state,
+        title,
+        f"{field.name}: " if with_name else "",
+        status.LABELS[state],
+    )
 
 
 def format_vector(vector, values=4):
@@ -379,7 +341,7 @@ class SemanticAdminMixin:
     def semantic_search_available(self):
         """Whether this list can be searched by meaning (its manager and field are usable)."""
         try:
-            _embedding_field(self.model, self.semantic_search_field)
+            get_embedding_field(self.model, self.semantic_search_field)
         except ImproperlyConfigured:
             return False
         return hasattr(self.model._default_manager.none(), "semantic_search")
@@ -437,7 +399,7 @@ class SemanticAdminMixin:
         count, order and paginate it like any queryset.
         """
         term = search.term.strip()[: self.semantic_query_max_length]
-        field = _embedding_field(self.model, self.semantic_search_field).name
+        field = get_embedding_field(self.model, self.semantic_search_field).name
         limit = self.semantic_search_limit
         if search.mode == HYBRID:
             return queryset.hybrid_search(term, field=field, k=limit, text_fields=self.semantic_search_text_fields)
@@ -446,7 +408,7 @@ class SemanticAdminMixin:
             return None if results.query.is_empty() else results
         rows = queryset.semantic_search(term, field=field, k=limit).values("pk", "distance", "score")
         ranked = [(row["pk"], {"distance": row["distance"], "score": row["score"]}) for row in rows]
-        return queryset._pinned(ranked, "distance") if ranked else None
+        return queryset.pinned(ranked, "distance") if ranked else None
 
     def _message_once(self, request, level, message):
         # Facet counts run the search again; say it once.
@@ -472,15 +434,7 @@ class SemanticAdminMixin:
     @admin.display(description="Embedding status")
     def semantic_status(self, obj):
         fields = embedding_fields(self.model)
-        statuses = [(field, embedding_status(field, obj)) for field in fields]
-        return format_html_join(
-            ", ",
-            '<span class="semantic-status semantic-status-{}" title="{}">{}{}</span>',
-            (
-                (status, STATUS_HELP[status], f"{field.name}: " if len(fields) > 1 else "", STATUS_LABELS[status])
-                for field, status in statuses
-            ),
-        )
+        return format_html_join(", ", "{}", ((status_html(field, obj, len(fields) > 1),) for field in fields))
 
     # --- actions ---------------------------------------------------------------
 
@@ -495,15 +449,13 @@ class SemanticAdminMixin:
 
     @admin.action(description="Re-embed selected %(verbose_name_plural)s")
     def semantic_reembed(self, request, queryset):
+        # Failed rows are retried too.
         rows = queryset.mark_stale()
         self.message_user(request, f"{rows} row(s) marked stale; a worker is re-embedding them.", messages.SUCCESS)
 
     @admin.action(description="Mark selected %(verbose_name_plural)s stale")
     def semantic_mark_stale(self, request, queryset):
-        # No wake-up: the next save or the periodic sweep wakes a worker.
-        rows = QuerySet.update(
-            queryset, **{field.source_hash_attname: STALE_MARKER for field in embedding_fields(self.model)}
-        )
+        rows = queryset.mark_stale(wake=False)
         self.message_user(
             request,
             f"{rows} row(s) marked stale; the next wake-up of a worker (a save, or the periodic sweep) re-embeds them.",
@@ -541,7 +493,7 @@ class SemanticAdminMixin:
                 (
                     f"{field.name}: " if len(fields) > 1 else "",
                     format_vector(getattr(obj, field.attname)) or "no vector",
-                    STATUS_LABELS[embedding_status(field, obj)],
+                    status_html(field, obj),
                 )
                 for field in fields
             ),

@@ -8,7 +8,7 @@ produced it. Values are float32 bytes. With a Redis cache backend a lookup of
 a whole batch is one MGET.
 
 Counters (hits, misses, encode calls, texts encoded) are kept in total and
-per encoder fingerprint, the first FINGERPRINT_LENGTH characters of a key:
+per encoder fingerprint, the first characters of a key (hashing.fingerprint_of):
 after a change of model or settings, the new configuration's hit rate is not
 diluted by the old one's history.
 
@@ -24,7 +24,7 @@ from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache
 
 from semantic.conf import semantic_settings
-from semantic.encoders import FINGERPRINT_LENGTH
+from semantic.hashing import fingerprint_of
 
 logger = logging.getLogger("semantic")
 
@@ -87,11 +87,6 @@ def delete_vectors(hashes):
     keys = sorted({KEY_PREFIX + h for h in hashes})
     if cache is not None and keys:
         cache.delete_many(keys)
-
-
-def fingerprint_of(text_hash):
-    """The encoder fingerprint a text hash (a cache key without its prefix) begins with."""
-    return text_hash[:FINGERPRINT_LENGTH]
 
 
 def _stat_key(name, fingerprint=None):

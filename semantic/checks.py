@@ -8,6 +8,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, ProgrammingError, transaction
 
 from semantic.conf import semantic_settings
+from semantic.status import FAILED, OUTDATED, count_statuses, embedding_fields_on
 
 
 @checks.register("semantic")
@@ -25,58 +26,73 @@ def check_settings(app_configs=None, **kwargs):
             errors.append(checks.Error(str(exc), id="semantic.E010"))
     batch_size = semantic_settings.BATCH_SIZE
     sizes = list(batch_size.values()) if isinstance(batch_size, dict) else [batch_size]
-    for name in ("CLAIM_SIZE",):
-        sizes.append(getattr(semantic_settings, name))
-    if not all(isinstance(size, int) and size >= 1 for size in sizes):
+    if not all(_positive_int(size) for size in sizes):
         errors.append(
             checks.Error(
-                "SEMANTIC['BATCH_SIZE'] (an int or a dict by device type) and SEMANTIC['CLAIM_SIZE'] "
-                f"must be positive integers, not {batch_size!r} / {semantic_settings.CLAIM_SIZE!r}.",
+                f"SEMANTIC['BATCH_SIZE'] must be a positive integer or a dict of them by device type, not {batch_size!r}.",
                 id="semantic.E010",
             )
         )
+    for name in ("CLAIM_SIZE", "MAX_CHUNKS", "MAX_ATTEMPTS"):
+        value = getattr(semantic_settings, name)
+        if not _positive_int(value):
+            errors.append(checks.Error(f"SEMANTIC[{name!r}] must be a positive integer, not {value!r}.", id="semantic.E010"))
     return errors
 
 
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @checks.register(checks.Tags.database)
-def check_vectors_of_other_encoders(app_configs=None, databases=None, **kwargs):
-    """semantic.W020: rows whose vectors were made under another encoder configuration.
+def check_embedding_status(app_configs=None, databases=None, **kwargs):
+    """semantic.W020 (vectors of another encoder configuration) and W022 (failed rows).
 
     A database check (``check --database default``, and ``migrate``): it
-    counts rows with one query per field and computes fingerprints from
-    settings and model files. A database that cannot answer (not migrated
-    yet, unreachable) yields no warning rather than a crash.
+    counts rows by status with one query per field (semantic.status) and
+    computes fingerprints from settings and model files. A database that
+    cannot answer (not migrated yet, unreachable) yields no warning rather
+    than a crash.
     """
-    # Imported here, not at the top: status imports the Celery tasks, which
-    # AppConfig.ready (which imports this module) has no need to load.
-    from semantic.status import count_rows, embedding_fields_on
-
     warnings = []
     for using in databases or ():
         for field in embedding_fields_on(using, app_configs):
             try:
                 # A savepoint: a failed query must not break a caller's transaction.
                 with transaction.atomic(using=using):
-                    count = count_rows(field, using)["other_fingerprint"]
+                    counts = count_statuses(field, using=using)
             except ImproperlyConfigured:
                 continue  # a broken model alias, which semantic.E002 reports
             except ProgrammingError:
                 continue  # this field's table or columns are not migrated yet
             except DatabaseError:
                 break  # the database cannot answer: nothing to say about it
-            if count:
+            label = f"{field.model._meta.label}.{field.name}"
+            if counts[OUTDATED]:
                 warnings.append(
                     checks.Warning(
-                        f"{count} row(s) of {field.model._meta.label}.{field.name} have vectors made under "
-                        f"another encoder configuration than the current one; they are stale and will be "
-                        f"re-embedded; run the worker or semantic_reindex.",
+                        f"{counts[OUTDATED]} row(s) of {label} have vectors made under another encoder "
+                        f"configuration than the current one; searches leave them out until they are "
+                        f"re-embedded: run the worker or semantic_reindex.",
                         hint=(
                             f"Model alias {field.model_alias!r} changed (model files, revision, prefix, "
-                            f"normalize, max_seq_length or chunking) since these rows were embedded. Until "
-                            f"they are re-embedded, searches compare new query vectors with old ones."
+                            f"normalize, max_seq_length or chunking) since these rows were embedded."
                         ),
                         obj=field,
                         id="semantic.W020",
+                    )
+                )
+            if counts[FAILED]:
+                warnings.append(
+                    checks.Warning(
+                        f"{counts[FAILED]} row(s) of {label} failed to embed {semantic_settings.MAX_ATTEMPTS} "
+                        f"time(s) and are set aside: searches do not find them by their current text.",
+                        hint=(
+                            "`manage.py semantic_status` shows the errors. Fix the texts (a save retries a "
+                            "row whose text changed), or retry them with `manage.py semantic_reindex --failed`."
+                        ),
+                        obj=field,
+                        id="semantic.W022",
                     )
                 )
     return warnings

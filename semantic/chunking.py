@@ -20,7 +20,6 @@ django-simple-history builds its historical models: ``makemigrations`` sees it
 in the owner's app and writes it into that app's migrations.
 """
 
-import hashlib
 import sys
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from django.db import connection, models
 from django.db.backends.utils import names_digest, truncate_name
 from pgvector.django import HnswIndex, VectorField
 
-from semantic.encoders import FINGERPRINT_LENGTH, HASH_LENGTH
+from semantic.hashing import HASH_LENGTH, fingerprint
 
 # Bumped when the splitting changes, so rows chunked the old way become stale.
 CHUNKING_VERSION = 1
@@ -145,8 +144,7 @@ def chunked_fingerprint(encoder_fingerprint, overlap):
     fingerprint covers both. Chunk hashes (the cache keys) keep the encoder's
     own fingerprint, since a chunk's vector is just the encoding of its text.
     """
-    tag = f"{encoder_fingerprint}\nchunks=v{CHUNKING_VERSION}\noverlap={overlap}"
-    return hashlib.sha256(tag.encode()).hexdigest()[:FINGERPRINT_LENGTH]
+    return fingerprint(encoder_fingerprint, f"chunks=v{CHUNKING_VERSION}", f"overlap={overlap}")
 
 
 def weighted_mean(vectors, weights, normalize):

@@ -66,6 +66,18 @@ DEFAULTS = {
     # Tokens shared by neighbouring chunks of a text longer than the model's
     # max_seq_length (EmbeddingField(chunks=True), the default).
     "CHUNK_OVERLAP": 32,
+    # Chunks one row may have (EmbeddingField(max_chunks=...) overrides it).
+    # 512 windows of MiniLM's 254 tokens is about 100,000 words. A longer
+    # text is not encoded: its row is marked failed, with the chunk count in
+    # its error, rather than tying a worker up for minutes on one row.
+    "MAX_CHUNKS": 512,
+    # --- failures ----------------------------------------------------------------
+    # Attempts a worker makes at a row whose text cannot be encoded (more
+    # chunks than MAX_CHUNKS, a tokenizer error, out of memory even alone)
+    # before the row is set aside as failed. Each attempt is a separate
+    # task; a failed row is tried again when its text changes, or when it
+    # is retried (admin action, semantic_reindex --failed).
+    "MAX_ATTEMPTS": 3,
     # --- search ----------------------------------------------------------------
     # hnsw.ef_search for searches that do not pass one. pgvector's own 40
     # measured recall@10 0.93 on 100k clustered vectors, 100 gave 0.98 at the
@@ -99,7 +111,7 @@ MODEL_DEFAULTS = {
     "path": None,
     "package": None,
     # Identity override. Without it the identity is derived from the model
-    # files (see encoders.model_identity), so a retrained model is never
+    # files (see hashing.model_identity), so a retrained model is never
     # mistaken for the old one.
     "revision": None,
     # Vector size, so fields can be declared without loading the model.
@@ -182,11 +194,6 @@ semantic_settings = SemanticSettings()
 def _reload(*, setting, **kwargs):
     if setting == SETTING_NAME:
         semantic_settings.reload()
-        # Encoders are built from these settings; drop the ones built from
-        # the old values so a changed alias takes effect.
-        from semantic import encoders
-
-        encoders.clear_encoders()
 
 
 setting_changed.connect(_reload)

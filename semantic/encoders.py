@@ -3,35 +3,29 @@ Encoders: one SentenceTransformer per alias and process, loaded on first use.
 
 An encoder's *fingerprint* names everything that changes its vectors (model
 identity, prefix, normalisation, max_seq_length). It is computed from the
-settings and a cheap digest of the model files, without loading the model, so
-web processes can hash texts on save at no cost. Stored hashes and cache keys
-begin with it: a vector made by another model or configuration is never
-mistaken for a fresh one.
+settings and a cheap digest of the model files (semantic.hashing), without
+loading the model, so web processes can hash texts on save at no cost.
+Stored hashes and cache keys begin with it: a vector made by another model or
+configuration is never mistaken for a fresh one.
 """
 
-import hashlib
 import logging
-import os
 import threading
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 
-from semantic.conf import semantic_settings
+from semantic import cache
+from semantic.conf import SETTING_NAME, semantic_settings
+from semantic.hashing import content_hash, fingerprint, model_identity
 
 logger = logging.getLogger("semantic")
 
-FINGERPRINT_LENGTH = 16
-# Hex digits of sha256(text) kept after the fingerprint: 160 bits.
-TEXT_DIGEST_LENGTH = 40
-HASH_LENGTH = FINGERPRINT_LENGTH + TEXT_DIGEST_LENGTH
-
-# Bytes read from each end of a model file for its identity digest. The tail
-# of a weights file holds trained values, so two fine-tunes of one base model
-# differ there even when their sizes and headers are equal.
-_IDENTITY_SAMPLE_BYTES = 64 * 1024
+# Longest error message kept per failed text (they end up in a column).
+ERROR_MESSAGE_LENGTH = 500
 
 
 def resolve_device(requested, *, cuda_available=None, mps_available=None):
@@ -90,37 +84,48 @@ def encode_with_backoff(encode, texts, batch_size, *, on_out_of_memory=None):
 
     ``encode(batch_texts, batch_size)`` returns one vector per text. A batch
     that runs out of memory is retried at half the size, down to single
-    texts; a single text that still does not fit is given up (None in the
-    result, its index in the returned failure list) and the rest proceed.
-    Returns ``(vectors, failed_indices)``; other errors propagate.
+    texts. A batch that fails with any other error is retried text by text,
+    so that one bad text (a tokenizer error, say) fails alone while the rest
+    are encoded; when every text of that batch fails alone too, the error is
+    the encoder's, not the texts', and it is raised. Returns ``(vectors,
+    failures)``: ``vectors`` has None where a text failed, and ``failures``
+    maps each failed text's index to a short message.
     """
     vectors = [None] * len(texts)
-    failed = []
+    failures = {}
     position = 0
     size = max(1, batch_size)
+    # After a batch failed with another error: its texts, to encode one by one.
+    singles = None
     while position < len(texts):
-        chunk = texts[position : position + size]
+        step = 1 if singles else size
+        chunk = texts[position : position + step]
         try:
-            encoded = encode(chunk, size)
+            encoded = encode(chunk, step)
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            if on_out_of_memory is not None:
-                on_out_of_memory()
-            if size > 1:
-                size //= 2
-                logger.warning("semantic: out of memory; retrying with batch size %d", size)
+            if is_out_of_memory(exc):
+                if on_out_of_memory is not None:
+                    on_out_of_memory()
+                if step > 1:
+                    size = step // 2
+                    logger.warning("semantic: out of memory; retrying with batch size %d", size)
+                    continue
+                message = "out of memory even alone"
+            elif step > 1:
+                singles = range(position, position + len(chunk))
                 continue
-            logger.error(
-                "semantic: out of memory encoding one text of %d characters even alone; it stays stale",
-                len(chunk[0]),
-            )
-            failed.append(position)
-            position += 1
-            continue
-        vectors[position : position + len(chunk)] = list(encoded)
+            elif singles and position == singles[-1] and len(singles) > 1 and all(i in failures for i in singles[:-1]):
+                raise  # every text of the batch fails: the encoder is broken
+            else:
+                message = f"{type(exc).__name__}: {exc}"
+            logger.error("semantic: a text of %d characters could not be encoded: %s", len(str(chunk[0])), message)
+            failures[position] = message[:ERROR_MESSAGE_LENGTH]
+        else:
+            vectors[position : position + len(chunk)] = list(encoded)
         position += len(chunk)
-    return vectors, failed
+        if singles and position > singles[-1]:
+            singles = None
+    return vectors, failures
 
 
 def apply_torch_threads():
@@ -146,40 +151,6 @@ def model_location(config):
     return str(config["path"])
 
 
-def model_identity(location, revision=None):
-    """A stable name for the weights at ``location``.
-
-    A local directory is identified by the names, sizes and sampled contents
-    of its files, not by its absolute path, so moving a virtualenv does not
-    invalidate every vector while retraining into the same folder does.
-    """
-    if revision:
-        return f"revision:{revision}"
-    root = Path(location)
-    if not root.is_dir():
-        return f"hub:{location}"
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(_IDENTITY_SAMPLE_BYTES))
-            if size > 2 * _IDENTITY_SAMPLE_BYTES:
-                handle.seek(-_IDENTITY_SAMPLE_BYTES, os.SEEK_END)
-                digest.update(handle.read())
-    return f"files:{digest.hexdigest()}"
-
-
-def clean_text(text):
-    """Normalise a source text before hashing and encoding.
-
-    NUL characters are dropped (tokenizers and PostgreSQL text both choke on
-    them); surrounding whitespace is stripped, so a whitespace-only text is
-    empty and gets no vector.
-    """
-    return text.replace("\x00", "").strip()
-
-
 class Encoder:
     """One configured model alias: fingerprints, hashing and batched encoding."""
 
@@ -198,13 +169,12 @@ class Encoder:
         return model_identity(self.location, self.config["revision"])
 
     def _fingerprint(self, prefix):
-        parts = [
+        return fingerprint(
             self.identity,
             f"prefix={prefix!r}",
             f"normalize={bool(self.config['normalize'])}",
             f"max_seq_length={self.config['max_seq_length']}",
-        ]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:FINGERPRINT_LENGTH]
+        )
 
     @cached_property
     def fingerprint(self):
@@ -218,9 +188,7 @@ class Encoder:
 
     def text_hash(self, text, *, query=False):
         """Fingerprint + sha256 of the cleaned text: the row hash and cache key."""
-        fingerprint = self.query_fingerprint if query else self.fingerprint
-        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        return fingerprint + digest[:TEXT_DIGEST_LENGTH]
+        return content_hash(self.query_fingerprint if query else self.fingerprint, text)
 
     @property
     def device(self):
@@ -274,21 +242,20 @@ class Encoder:
         return model
 
     def encode(self, texts, *, query=False, batch_size=None):
-        """Encode cleaned texts; returns ``(vectors, failed_indices)``.
+        """Encode cleaned texts; returns ``(vectors, failures)``.
 
         ``vectors`` holds one float32 array per text, None for a text that
-        could not be encoded even alone because the device ran out of memory
-        (see encode_with_backoff).
+        could not be encoded (out of memory even alone, or an error of its
+        own); ``failures`` maps those texts' indices to a message (see
+        encode_with_backoff).
         """
-        from semantic import cache
-
         prefix = self.config["query_prefix" if query else "document_prefix"]
-        fingerprint = self.query_fingerprint if query else self.fingerprint
+        stats_fingerprint = self.query_fingerprint if query else self.fingerprint
         model = self.model
         device = str(model.device)
 
         def run(batch, size):
-            cache.incr_stats(fingerprint, encode_calls=1)
+            cache.incr_stats(stats_fingerprint, encode_calls=1)
             return model.encode(
                 [prefix + text for text in batch],
                 batch_size=size,
@@ -297,17 +264,18 @@ class Encoder:
                 show_progress_bar=False,
             ).astype("float32", copy=False)
 
-        vectors, failed = encode_with_backoff(
+        vectors, failures = encode_with_backoff(
             run,
             texts,
             batch_size or batch_size_for(device),
-            on_out_of_memory=_release_accelerator_memory,
+            on_out_of_memory=release_accelerator_memory,
         )
-        cache.incr_stats(fingerprint, texts_encoded=len(texts) - len(failed))
-        return vectors, failed
+        cache.incr_stats(stats_fingerprint, texts_encoded=len(texts) - len(failures))
+        return vectors, failures
 
 
-def _release_accelerator_memory():
+def release_accelerator_memory():
+    """Return cached accelerator memory to the device after an out-of-memory error."""
     import torch
 
     if torch.cuda.is_available():
@@ -333,3 +301,13 @@ def clear_encoders():
     """Forget every encoder (after a settings change)."""
     with _encoders_lock:
         _encoders.clear()
+
+
+def _settings_changed(*, setting, **kwargs):
+    # Encoders are built from the settings; drop the ones built from the old
+    # values so a changed alias takes effect.
+    if setting == SETTING_NAME:
+        clear_encoders()
+
+
+setting_changed.connect(_settings_changed)

@@ -273,13 +273,14 @@ def evaluate(
     """
     from django.core.exceptions import ImproperlyConfigured
 
+    from semantic.fields import get_embedding_field
     from semantic.querysets import embed_query
     from semantic.rerank import is_reranking_configured
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, not {k!r}.")
     queries = load_queries(queries)
-    embedding_field = queryset._embedding_field(field)
+    embedding_field = get_embedding_field(queryset.model, field)
     unknown = [mode for mode in modes or () if mode not in MODES]
     if unknown:
         raise ValueError(f"Unknown mode(s): {', '.join(unknown)}. Modes: {', '.join(MODES)}.")
@@ -351,14 +352,12 @@ def _run_queries(rank, queries, mode, progress):
 
 def _text_document(field, text_fields):
     """The full-text document of the field's text columns (see hybrid_search), or None when it has none."""
-    from django.contrib.postgres.search import SearchVector
     from django.core.exceptions import ImproperlyConfigured
 
-    from semantic.conf import semantic_settings
-    from semantic.querysets import _text_search_document
+    from semantic.querysets import text_search_document
 
     try:
-        return _text_search_document(field, text_fields, semantic_settings.HYBRID_TEXT_CONFIG, SearchVector)
+        return text_search_document(field, text_fields)
     except ImproperlyConfigured:
         if text_fields is not None:
             raise

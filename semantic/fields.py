@@ -14,19 +14,22 @@ EmbeddingField: a pgvector column kept in step with some text of its row.
             indexes = [HnswIndex(name="article_embedding_hnsw", fields=["embedding"],
                                  opclasses=["vector_cosine_ops"])]
 
-The field adds two hidden columns beside the vector:
+The field adds hidden columns beside the vector:
 
-* ``<name>_source_hash``: fingerprint + sha256 of the row's current source
-  text, written by every save (no model is loaded for it);
-* ``<name>_vector_hash``: the same value for the text the stored vector was
-  computed from, written only by the worker together with the vector.
+* ``<name>_source_hash``: what the row's text is now. Every save writes the
+  hash of the text (fingerprint + sha256; no model is loaded for it) in the
+  same statement as the text; a write whose new text Python does not know
+  writes a stale mark instead (semantic.hashing);
+* ``<name>_vector_hash``: the hash of the text the stored vector was made
+  from, written only by the worker, together with the vector;
+* ``<name>_failed_hash``, ``<name>_attempts``, ``<name>_error``: the source
+  hash whose text the worker failed to encode, how often, and why.
 
-A row is stale when the two differ, or when its hashes carry the fingerprint
-of another encoder configuration. Staleness lives in PostgreSQL, so no broker
-outage can lose work. The vector and its hash are owned by the worker: an
-ordinary ``save()`` of an existing row leaves both as they are in the
-database, so a save made from an instance loaded before the worker finished
-never rolls a vector back.
+What these mean (fresh, stale, missing, failed, ...) is defined once, in
+semantic.status. Staleness lives in PostgreSQL, so no broker outage can lose
+work. The vector and the columns after it are owned by the worker: a save
+never writes them, so a save made from an instance loaded before the worker
+finished never rolls a vector back.
 
 With ``chunks=True`` (the default) a text longer than the model's
 ``max_seq_length`` is split into overlapping token windows stored one vector
@@ -42,58 +45,86 @@ from django.db.models.signals import class_prepared
 from pgvector.django import VectorField
 
 from semantic.conf import semantic_settings
-from semantic.encoders import FINGERPRINT_LENGTH, HASH_LENGTH, clean_text, get_encoder
+from semantic.encoders import get_encoder
+from semantic.hashing import HASH_LENGTH, clean_text, content_hash
 
 SOURCE_SEPARATOR = "\n\n"
-# A source hash that matches no text: the row is stale and the worker
-# re-hashes its text. Written where the new text is not known in Python
-# (QuerySet.update, mark_stale, raw SQL: SET <field>_source_hash = 'stale').
-STALE_MARKER = "stale"
 
 
-class EmbeddingHashField(models.CharField):
-    """A hidden hash column added by EmbeddingField.
+def worker_owned_value(field, instance, add):
+    """What a save writes to a column only the worker writes.
 
-    Migrations list it as a field of its own; when such a migration state is
-    rendered, EmbeddingField has already added it, so adding it twice is
-    skipped here.
+    An insert writes the column's default (a new row has no vector yet),
+    an update writes the column to itself: a save from an instance loaded
+    before the worker finished must not roll the worker's values back.
     """
+    if add:
+        value = field.get_default()
+        setattr(instance, field.attname, value)
+        return value
+    return F(field.attname)
+
+
+class HiddenColumn:
+    """A column an EmbeddingField adds beside its vector; never in forms."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("max_length", HASH_LENGTH)
-        kwargs.setdefault("null", True)
-        kwargs.setdefault("blank", True)
         kwargs["editable"] = False
         super().__init__(*args, **kwargs)
-
-    def contribute_to_class(self, cls, name, **kwargs):
-        if any(field.name == name for field in cls._meta.local_fields):
-            return
-        super().contribute_to_class(cls, name, **kwargs)
 
     def deconstruct(self):
         name, path, args, kwargs = super().deconstruct()
         kwargs.pop("editable", None)
         return name, path, args, kwargs
 
+    def embedding_field(self, model):
+        """The EmbeddingField of ``model`` this column belongs to (None in migration states)."""
+        for field in embedding_fields(model):
+            if self.name in field.hidden_column_names:
+                return field
+        return None
 
-class VectorHashField(EmbeddingHashField):
-    """Hash of the text the stored vector came from; written by the worker."""
 
-    def __init__(self, *args, embedding_field_name=None, **kwargs):
-        self.embedding_field_name = embedding_field_name
+class EmbeddingHashField(HiddenColumn, models.CharField):
+    """``<field>_source_hash``: the hash of the row's current source text, written by every save.
+
+    Computed here, from the instance, whenever the column is written, so
+    ``save()`` writes the text and its hash in one statement.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("max_length", HASH_LENGTH)
+        kwargs.setdefault("null", True)
+        kwargs.setdefault("blank", True)
         super().__init__(*args, **kwargs)
 
-    def source_hash_update(self, new_hash):
-        """Column values that give a row ``new_hash``; a row without text loses its vector."""
-        values = {self.source_hash_attname: new_hash}
-        if new_hash is None:
-            values.update({self.attname: None, self.vector_hash_attname: None})
-        return values
+    def pre_save(self, model_instance, add):
+        field = self.embedding_field(type(model_instance))
+        if field is not None and field.source is not None:
+            setattr(model_instance, self.attname, field.compute_source_hash(model_instance))
+        return super().pre_save(model_instance, add)
+
+
+class WorkerHashField(HiddenColumn, models.CharField):
+    """A hash column only the worker writes (see worker_owned_value)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("max_length", HASH_LENGTH)
+        kwargs.setdefault("null", True)
+        kwargs.setdefault("blank", True)
+        super().__init__(*args, **kwargs)
 
     def pre_save(self, model_instance, add):
-        field = _embedding_field_of(model_instance, self.embedding_field_name)
-        return field.worker_owned_value(model_instance, self.attname, add) if field else super().pre_save(model_instance, add)
+        return worker_owned_value(self, model_instance, add)
+
+
+class VectorHashField(WorkerHashField):
+    """``<field>_vector_hash``: the hash of the text the stored vector was made from."""
+
+    def __init__(self, *args, embedding_field_name=None, **kwargs):
+        # Kept for the migrations that name it; the column finds its field by name.
+        self.embedding_field_name = embedding_field_name
+        super().__init__(*args, **kwargs)
 
     def deconstruct(self):
         name, path, args, kwargs = super().deconstruct()
@@ -101,12 +132,29 @@ class VectorHashField(EmbeddingHashField):
         return name, path, args, kwargs
 
 
-def _embedding_field_of(instance, name):
-    try:
-        field = instance._meta.get_field(name)
-    except FieldDoesNotExist:
-        return None
-    return field if isinstance(field, EmbeddingField) else None
+class AttemptsField(HiddenColumn, models.PositiveSmallIntegerField):
+    """``<field>_attempts``: how many times the worker failed to encode the text of ``<field>_failed_hash``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("default", 0)
+        # Also in the table: rows inserted with raw SQL get it too.
+        kwargs.setdefault("db_default", 0)
+        super().__init__(*args, **kwargs)
+
+    def pre_save(self, model_instance, add):
+        return worker_owned_value(self, model_instance, add)
+
+
+class ErrorField(HiddenColumn, models.TextField):
+    """``<field>_error``: why the worker could not encode the text of ``<field>_failed_hash``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("null", True)
+        kwargs.setdefault("blank", True)
+        super().__init__(*args, **kwargs)
+
+    def pre_save(self, model_instance, add):
+        return worker_owned_value(self, model_instance, add)
 
 
 class EmbeddingField(VectorField):
@@ -122,17 +170,31 @@ class EmbeddingField(VectorField):
     ``max_seq_length`` is split into windows of tokens sharing
     ``chunk_overlap`` tokens (default ``SEMANTIC["CHUNK_OVERLAP"]``), one
     vector each in ``chunk_model``, and the row's vector is their
-    token-weighted mean. ``chunks=False``: the model truncates long texts
-    and there is no chunk table.
+    token-weighted mean. A text of more than ``max_chunks`` windows (default
+    ``SEMANTIC["MAX_CHUNKS"]``) is not encoded: its row is marked failed.
+    ``chunks=False``: the model truncates long texts and there is no chunk
+    table.
     """
 
     description = "Embedding of the row's text (pgvector)"
 
-    def __init__(self, *args, source=None, model="default", dimensions=None, metric="cosine", chunks=True, chunk_overlap=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        source=None,
+        model="default",
+        dimensions=None,
+        metric="cosine",
+        chunks=True,
+        chunk_overlap=None,
+        max_chunks=None,
+        **kwargs,
+    ):
         self.source = source
         self.model_alias = model
         self.chunks = chunks
         self.chunk_overlap = chunk_overlap
+        self.max_chunks_per_row = max_chunks
         # The model class holding this field's chunks; set once the owner
         # class is prepared (None for chunks=False and abstract models).
         self.chunk_model = None
@@ -156,18 +218,43 @@ class EmbeddingField(VectorField):
     def vector_hash_attname(self):
         return f"{self.name}_vector_hash"
 
+    @property
+    def failed_hash_attname(self):
+        return f"{self.name}_failed_hash"
+
+    @property
+    def attempts_attname(self):
+        return f"{self.name}_attempts"
+
+    @property
+    def error_attname(self):
+        return f"{self.name}_error"
+
+    @property
+    def hidden_column_names(self):
+        return (
+            self.source_hash_attname,
+            self.vector_hash_attname,
+            self.failed_hash_attname,
+            self.attempts_attname,
+            self.error_attname,
+        )
+
     def contribute_to_class(self, cls, name, **kwargs):
         super().contribute_to_class(cls, name, **kwargs)
-        if cls._meta.abstract:
+        if cls._meta.abstract or _is_historical(cls):
             # Concrete children receive copies of this field and add the
-            # hash columns to themselves.
+            # columns to themselves. A model rendered from migrations has
+            # exactly the columns its migrations created, and its chunk
+            # model comes from the migration that created it.
             return
-        EmbeddingHashField().contribute_to_class(cls, f"{name}_source_hash")
-        VectorHashField(embedding_field_name=name).contribute_to_class(cls, f"{name}_vector_hash")
-        if self.chunks and not _is_historical(cls):
+        for column, hidden in zip(
+            self.hidden_column_names,
+            (EmbeddingHashField(), VectorHashField(embedding_field_name=name), WorkerHashField(), AttemptsField(), ErrorField()),
+        ):
+            hidden.contribute_to_class(cls, column)
+        if self.chunks:
             # The chunk model's foreign key needs the finished owner class.
-            # Historical models (migrations) get their chunk model from the
-            # migration that created it, not from here.
             class_prepared.connect(self._make_chunk_model, sender=cls, weak=False)
 
     def _make_chunk_model(self, sender, **kwargs):
@@ -198,6 +285,11 @@ class EmbeddingField(VectorField):
         return semantic_settings.CHUNK_OVERLAP if self.chunk_overlap is None else self.chunk_overlap
 
     @property
+    def max_chunks(self):
+        """Chunks a row may have (the field's, else MAX_CHUNKS); a longer text fails."""
+        return semantic_settings.MAX_CHUNKS if self.max_chunks_per_row is None else self.max_chunks_per_row
+
+    @property
     def fingerprint(self):
         """The prefix of this field's row hashes.
 
@@ -214,7 +306,7 @@ class EmbeddingField(VectorField):
 
     def text_hash(self, text):
         """The row hash of ``text``: this field's fingerprint + sha256 of the text."""
-        return self.fingerprint + self.encoder.text_hash(text)[FINGERPRINT_LENGTH:]
+        return content_hash(self.fingerprint, text)
 
     @property
     def opclass(self):
@@ -245,9 +337,36 @@ class EmbeddingField(VectorField):
                 if self.model._meta.get_field(name).attname in names:
                     return True
             except FieldDoesNotExist:
-                # A property or method: it may read any field.
+                # A property or a method: it may read any field.
                 return True
         return False
+
+    def text_columns(self):
+        """The columns the text is built from, or None when it depends on more (a callable, a property)."""
+        names = self.source_names()
+        if not names or not all(is_column(self.model, name) for name in names):
+            return None
+        return names
+
+    def text_written_by(self, field_names):
+        """Whether writing ``field_names`` writes every column the text is built from.
+
+        Only then can the text's hash be written in the same statement: with
+        some source columns left out, the row's text mixes the values written
+        with values only the database knows.
+        """
+        columns = self.text_columns()
+        if columns is None:
+            return False
+        names = set(field_names)
+        return all(name in names or self.model._meta.get_field(name).attname in names for name in columns)
+
+    def load_for_text(self, queryset, *extra):
+        """``queryset`` loading what ``build_text`` needs (plus ``extra`` fields), never the vector."""
+        columns = self.text_columns()
+        if columns is None:
+            return queryset.defer(self.attname)
+        return queryset.only("pk", *columns, *extra)
 
     def build_text(self, instance):
         """The cleaned source text of ``instance`` ('' when it has none)."""
@@ -273,31 +392,9 @@ class EmbeddingField(VectorField):
         text = self.build_text(instance)
         return self.text_hash(text) if text else None
 
-    def source_hash_update(self, new_hash):
-        """Column values that give a row ``new_hash``; a row without text loses its vector."""
-        values = {self.source_hash_attname: new_hash}
-        if new_hash is None:
-            values.update({self.attname: None, self.vector_hash_attname: None})
-        return values
-
     def pre_save(self, model_instance, add):
-        if self.source is not None:
-            setattr(model_instance, self.source_hash_attname, self.compute_source_hash(model_instance))
-        return self.worker_owned_value(model_instance, self.attname, add)
-
-    def worker_owned_value(self, instance, attname, add):
-        """What a save writes to the vector or its hash column.
-
-        A row without text has neither. Otherwise an insert writes what the
-        instance holds (normally nothing) and an update keeps the database's
-        value: only the worker writes vectors.
-        """
-        if getattr(instance, self.source_hash_attname) is None:
-            setattr(instance, attname, None)
-            return None
-        if add:
-            return getattr(instance, attname)
-        return F(attname)
+        # The vector is the worker's (the source hash column hashes the text).
+        return worker_owned_value(self, model_instance, add)
 
     # --- checks ---------------------------------------------------------------
 
@@ -415,6 +512,16 @@ class EmbeddingField(VectorField):
     def _check_chunks(self):
         if not self.chunks:
             return []
+        max_chunks = self.max_chunks
+        if not isinstance(max_chunks, int) or isinstance(max_chunks, bool) or max_chunks < 1:
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} max_chunks must be a positive integer, not {max_chunks!r}.",
+                    hint="Pass max_chunks=N to the field, or set SEMANTIC['MAX_CHUNKS'].",
+                    obj=self,
+                    id="semantic.E007",
+                )
+            ]
         overlap = self.overlap
         if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0:
             return [
@@ -476,6 +583,31 @@ def _has_attribute(model, name):
         return hasattr(model, name)
 
 
+def is_column(model, name):
+    """Whether ``name`` is a concrete field (a column) of ``model``."""
+    try:
+        return model._meta.get_field(name).concrete
+    except FieldDoesNotExist:
+        return False
+
+
 def embedding_fields(model):
     """The EmbeddingFields of a model class, in declaration order."""
     return [f for f in model._meta.get_fields() if isinstance(f, EmbeddingField)]
+
+
+def get_embedding_field(model, name=None):
+    """The EmbeddingField ``name`` of ``model`` (its only one when None); ImproperlyConfigured otherwise."""
+    fields = embedding_fields(model)
+    label = model._meta.label
+    if not fields:
+        raise ImproperlyConfigured(f"{label} has no EmbeddingField.")
+    names = ", ".join(f.name for f in fields)
+    if name is None:
+        if len(fields) == 1:
+            return fields[0]
+        raise ImproperlyConfigured(f"{label} has {len(fields)} embedding fields ({names}): name the one to use.")
+    for field in fields:
+        if field.name == name:
+            return field
+    raise ImproperlyConfigured(f"{label} has no embedding field {name!r} (it has: {names}).")

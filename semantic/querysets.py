@@ -16,60 +16,73 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 import numpy as np
-from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, models, transaction
 from django.db.models import Case, FloatField, IntegerField, Value, When
 from django.db.models.query import ModelIterable
 
+from semantic import cache as embedding_cache
 from semantic.conf import semantic_settings
 from semantic.distances import get_metric, query_value
-from semantic.fields import STALE_MARKER, EmbeddingField, embedding_fields
-from semantic.signals import schedule_embedding
+from semantic.fields import embedding_fields, get_embedding_field, is_column
+from semantic.hashing import clean_text
+from semantic.status import searchable_q, stale_mark
+from semantic.wakeups import schedule_embedding
 
 
 class SemanticQuerySet(models.QuerySet):
     """QuerySet with semantic search, and bulk writes that keep vectors fresh.
 
     Django sends no signal for ``bulk_create``, ``bulk_update`` and
-    ``update``; these overrides mark the affected rows stale and wake a
-    worker, so every way of changing a row through the ORM ends with a fresh
-    vector. (Raw SQL is caught by the periodic sweep.)
+    ``update``; these overrides keep each row's source hash true (the new
+    text's hash where every column of the text is written with it, a stale
+    mark otherwise, see semantic.status) and wake a worker, so every way of
+    changing a row through the ORM ends with a fresh vector. (Raw SQL is
+    caught by the periodic rehash sweep.)
     """
 
     def bulk_create(self, objs, *args, **kwargs):
+        objs = list(objs)
         fields = embedding_fields(self.model)
         update_fields = kwargs.get("update_fields")
+        partly_written = []
         if kwargs.get("update_conflicts") and update_fields:
-            # An upsert rewrites only update_fields of existing rows: the
-            # source hashes must be among them when their text is.
-            extra = [f.source_hash_attname for f in fields if f.touched_by(update_fields)]
-            kwargs["update_fields"] = [*update_fields, *(n for n in extra if n not in update_fields)]
+            # An upsert rewrites only update_fields of existing rows. With
+            # every column of the text among them, the hash computed for the
+            # insert is right for the update too; otherwise it is not, and
+            # the rows are marked instead.
+            for field in fields:
+                if field.text_written_by(update_fields):
+                    update_fields = [*update_fields, field.source_hash_attname]
+                elif field.touched_by(update_fields):
+                    partly_written.append(field)
+            kwargs["update_fields"] = list(dict.fromkeys(update_fields))
         created = super().bulk_create(objs, *args, **kwargs)
+        self._mark(partly_written, [obj.pk for obj in created if obj.pk is not None])
         self._wake(fields)
         return created
 
     def bulk_update(self, objs, fields, batch_size=None):
         objs = list(objs)
         touched = [f for f in embedding_fields(self.model) if f.touched_by(fields)]
-        extra = []
-        for field in touched:
+        whole = [f for f in touched if f.text_written_by(fields)]
+        hashes = []
+        for field in whole:
+            # The text's hash goes in the same statement as the text.
             for obj in objs:
                 setattr(obj, field.source_hash_attname, field.compute_source_hash(obj))
-            extra.append(field.source_hash_attname)
-        rows = super().bulk_update(objs, [*fields, *(n for n in extra if n not in fields)], batch_size=batch_size)
-        for field in touched:
-            # Rows whose text became empty lose their vector.
-            emptied = [obj.pk for obj in objs if getattr(obj, field.source_hash_attname) is None]
-            if emptied:
-                self.model._base_manager.using(self.db).filter(pk__in=emptied).update(**field.source_hash_update(None))
+            hashes.append(field.source_hash_attname)
+        rows = super().bulk_update(objs, list(dict.fromkeys([*fields, *hashes])), batch_size=batch_size)
+        self._mark([f for f in touched if f not in whole], [obj.pk for obj in objs])
         self._wake(touched)
         return rows
 
     def update(self, **kwargs):
         touched = [f for f in embedding_fields(self.model) if f.touched_by(kwargs)]
         for field in touched:
-            # The new text is only known row by row; the worker hashes it.
-            kwargs.setdefault(field.source_hash_attname, STALE_MARKER)
+            # The new text is only known row by row: the worker reads it.
+            for column, value in stale_mark(field).items():
+                kwargs.setdefault(column, value)
         rows = super().update(**kwargs)
         if rows:
             self._wake(touched)
@@ -77,36 +90,34 @@ class SemanticQuerySet(models.QuerySet):
 
     update.alters_data = True
 
-    def mark_stale(self, field=None):
-        """Mark the rows stale so the worker re-embeds them; returns the row count."""
-        fields = embedding_fields(self.model) if field is None else [self._embedding_field(field)]
-        rows = super().update(**{f.source_hash_attname: STALE_MARKER for f in fields})
-        if rows:
+    def mark_stale(self, field=None, *, wake=True):
+        """Mark the rows pending, so a worker re-embeds them; returns the row count.
+
+        Also retries failed rows. A row whose text and model are unchanged
+        keeps its vector: the worker only confirms it. ``wake=False`` leaves
+        the rows for the next wake-up or the periodic sweep.
+        """
+        fields = embedding_fields(self.model) if field is None else [get_embedding_field(self.model, field)]
+        values = {}
+        for each in fields:
+            values.update(stale_mark(each))
+        rows = super().update(**values)
+        if rows and wake:
             self._wake(fields)
         return rows
 
     mark_stale.alters_data = True
 
+    def _mark(self, fields, pks):
+        if fields and pks:
+            values = {}
+            for field in fields:
+                values.update(stale_mark(field))
+            self.model._base_manager.using(self.db).filter(pk__in=pks).update(**values)
+
     def _wake(self, fields):
         for field in fields:
             schedule_embedding(self.model, field.name, using=self.db)
-
-    def _embedding_field(self, name):
-        if name is None:
-            fields = embedding_fields(self.model)
-            if len(fields) != 1:
-                names = ", ".join(f.name for f in fields) or "none"
-                raise ImproperlyConfigured(
-                    f"{self.model.__name__} has {len(fields)} embedding fields ({names}); pass field=."
-                )
-            return fields[0]
-        try:
-            field = self.model._meta.get_field(name)
-        except FieldDoesNotExist:
-            field = None
-        if not isinstance(field, EmbeddingField):
-            raise ImproperlyConfigured(f"{self.model.__name__}.{name} is not an EmbeddingField.")
-        return field
 
     # --- read path ------------------------------------------------------------
 
@@ -150,7 +161,7 @@ class SemanticQuerySet(models.QuerySet):
         """
         _check_query(query)
         _check_k(k)
-        embedding_field = self._embedding_field(field)
+        embedding_field = get_embedding_field(self.model, field)
         vector = embed_query(embedding_field, query)
         if rerank:
             return self._reranked(
@@ -224,7 +235,7 @@ class SemanticQuerySet(models.QuerySet):
         _check_k(k)
         if iterative_scan is not None and iterative_scan not in ITERATIVE_SCAN_MODES:
             raise ValueError(f"iterative_scan must be one of {', '.join(ITERATIVE_SCAN_MODES)}, not {iterative_scan!r}.")
-        embedding_field = self._embedding_field(field)
+        embedding_field = get_embedding_field(self.model, field)
         metric = get_metric(embedding_field.metric)
         vector = query_value(_as_query_vector(vector, embedding_field))
         plan = SearchPlan(exact=exact, ef_search=ef_search, probes=probes, iterative_scan=iterative_scan)
@@ -234,7 +245,7 @@ class SemanticQuerySet(models.QuerySet):
             raise ImproperlyConfigured(f"{self.model.__name__}.{embedding_field.name} stores no chunks (chunks=False).")
         # Vectors made under another encoder configuration live in another
         # space: until the worker re-embeds them, they are left out.
-        current = {f"{embedding_field.vector_hash_attname}__startswith": embedding_field.fingerprint}
+        searchable = searchable_q(embedding_field)
         if by_chunk:
             # Each row scores as its best chunk; the chunk is kept as best_chunk.
             plan.chunk_model = embedding_field.chunk_model
@@ -244,14 +255,14 @@ class SemanticQuerySet(models.QuerySet):
                 .annotate(_distance=plan.chunk_distance)
                 .order_by("_distance", "index")
             )
-            queryset = self.filter(**{f"{embedding_field.name}__isnull": False}, **current).annotate(
+            queryset = self.filter(searchable).annotate(
                 distance=models.Subquery(best.values("_distance")[:1], output_field=FloatField()),
                 best_chunk_id=models.Subquery(best.values("pk")[:1]),
             ).filter(distance__isnull=False)
             if min_score is not None:
                 plan.max_distance = metric.max_distance(min_score)
         else:
-            queryset = self.filter(**{f"{embedding_field.name}__isnull": False}, **current).annotate(
+            queryset = self.filter(searchable).annotate(
                 distance=metric.distance(embedding_field.name, vector)
             )
             if min_score is not None:
@@ -271,17 +282,17 @@ class SemanticQuerySet(models.QuerySet):
         no vector yet (its text is empty, or the worker has not embedded it).
         Accepts the index options of ``nearest``.
         """
-        embedding_field = self._embedding_field(field)
+        embedding_field = get_embedding_field(self.model, field)
         pk = obj.pk if isinstance(obj, models.Model) else obj
         vector = (
             self.model._base_manager.using(self.db)
-            .filter(pk=pk)
+            .filter(searchable_q(embedding_field), pk=pk)
             .values_list(embedding_field.attname, flat=True)
             .first()
         )
         if vector is None:
             raise ValueError(
-                f"{self.model.__name__} {pk!r} has no {embedding_field.name} vector yet "
+                f"{self.model.__name__} {pk!r} has no searchable {embedding_field.name} vector "
                 f"(it does not exist, its text is empty, or it is waiting for the worker)."
             )
         # Whole row against whole rows: the row vector is what "similar" means here.
@@ -319,15 +330,15 @@ class SemanticQuerySet(models.QuerySet):
         the same ``to_tsvector``, or a SearchVectorField passed as
         ``text_fields``), or the text ranking scans every filtered row.
         """
-        from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
+        from django.contrib.postgres.search import SearchQuery, SearchRank
 
         _check_query(query)
         _check_k(k)
-        embedding_field = self._embedding_field(field)
+        embedding_field = get_embedding_field(self.model, field)
         vector_weight, text_weight = (float(w) for w in weights)
         candidates = max(int(candidates or semantic_settings.HYBRID_CANDIDATES), k)
         config = config or semantic_settings.HYBRID_TEXT_CONFIG
-        document = _text_search_document(embedding_field, text_fields, config, SearchVector)
+        document = text_search_document(embedding_field, text_fields, config)
         search_query = SearchQuery(query, search_type="websearch", config=config)
 
         by_vector = self.nearest(embed_query(embedding_field, query), field=embedding_field.name, k=candidates, **options)
@@ -371,7 +382,7 @@ class SemanticQuerySet(models.QuerySet):
             )
             for pk, score, vector_rank, text_rank, distance in rows
         ]
-        return self._pinned(ranked, "-hybrid_score")
+        return self.pinned(ranked, "-hybrid_score")
 
     # --- index settings, applied per query ------------------------------------
 
@@ -561,7 +572,7 @@ class SemanticQuerySet(models.QuerySet):
 
     # --- results pinned by a score computed outside the database -------------
 
-    def _pinned(self, ranked, order_by, rows=None):
+    def pinned(self, ranked, order_by, rows=None):
         """A QuerySet of exactly the rows in ``ranked``, annotated and ordered.
 
         ``ranked`` is a list of (pk, {annotation: value}) best first. The
@@ -619,7 +630,7 @@ class SemanticQuerySet(models.QuerySet):
             (rows[i].pk, {"rerank_score": float(scores[i]), "distance": rows[i].distance, "score": rows[i].score})
             for i in order
         ]
-        return self._pinned(ranked, "-rerank_score", rows={row.pk: row for row in rows})
+        return self.pinned(ranked, "-rerank_score", rows={row.pk: row for row in rows})
 
 
 class SearchPlan:
@@ -658,30 +669,30 @@ def _set_local(connection, values):
         cursor.execute(f"SELECT {selects}", params)
 
 
-def _text_search_document(field, text_fields, config, search_vector):
-    """What hybrid search ranks by text: a tsvector column or fields to vectorise."""
+def text_search_document(field, text_fields=None, config=None):
+    """What hybrid search ranks by text: a SearchVectorField column, or ``text_fields`` to vectorise.
+
+    ``text_fields`` defaults to the field's source fields that are columns;
+    ``config`` to SEMANTIC["HYBRID_TEXT_CONFIG"]. ImproperlyConfigured when
+    there is no column to search.
+    """
+    from django.contrib.postgres.search import SearchVector
+
     model = field.model
     if isinstance(text_fields, str):
         text_fields = [text_fields]
     if text_fields is None:
-        text_fields = [name for name in field.source_names() if _is_column(model, name)]
+        text_fields = [name for name in field.source_names() if is_column(model, name)]
         if not text_fields:
             raise ImproperlyConfigured(
                 f"{model.__name__}.{field.name} has no source fields that are columns; pass text_fields=[...]."
             )
     for name in text_fields:
-        if not _is_column(model, name):
+        if not is_column(model, name):
             raise ImproperlyConfigured(f"{model.__name__}.{name} is not a column to search by text.")
     if len(text_fields) == 1 and model._meta.get_field(text_fields[0]).get_internal_type() == "SearchVectorField":
         return models.F(text_fields[0])
-    return search_vector(*text_fields, config=config)
-
-
-def _is_column(model, name):
-    try:
-        return model._meta.get_field(name).concrete
-    except FieldDoesNotExist:
-        return False
+    return SearchVector(*text_fields, config=config or semantic_settings.HYBRID_TEXT_CONFIG)
 
 
 def _check_query(query):
@@ -716,9 +727,6 @@ def embed_query(field, query):
     Looked up in this process's recent queries, then in the hashed-text
     cache, and only then encoded (with the model's query prefix).
     """
-    from semantic import cache as embedding_cache
-    from semantic.encoders import clean_text
-
     encoder = field.encoder
     text = clean_text(query)
     key = encoder.text_hash(text, query=True)
@@ -727,9 +735,9 @@ def embed_query(field, query):
         vector = embedding_cache.get_vectors([key]).get(key)
     if vector is None:
         field.verify_encoder()
-        vectors, failed = encoder.encode([text], query=True)
-        if failed:
-            raise RuntimeError("The query could not be encoded: the device ran out of memory.")
+        vectors, failures = encoder.encode([text], query=True)
+        if failures:
+            raise RuntimeError(f"The query could not be encoded: {failures[0]}.")
         vector = vectors[0]
         embedding_cache.set_vectors({key: vector})
     _QUERY_VECTORS[key] = vector

@@ -36,16 +36,15 @@ from django.core.signals import setting_changed
 
 from semantic.conf import SETTING_NAME, semantic_settings
 from semantic.encoders import (
-    _release_accelerator_memory,
     apply_torch_threads,
     batch_size_for,
-    clean_text,
     encode_with_backoff,
-    model_identity,
     model_location,
+    release_accelerator_memory,
     resolve_device,
     use_half_precision,
 )
+from semantic.hashing import clean_text, model_identity
 
 logger = logging.getLogger("semantic")
 
@@ -126,7 +125,7 @@ class Reranker:
 
     @cached_property
     def identity(self):
-        """A stable name of the weights (see encoders.model_identity)."""
+        """A stable name of the weights (see hashing.model_identity)."""
         return model_identity(self.location, self.config["revision"])
 
     @property
@@ -166,13 +165,14 @@ class Reranker:
     def score(self, query, texts):
         """One relevance score per text, in the order of ``texts``; higher is more relevant.
 
-        The query and texts are cleaned with encoders.clean_text, and each
+        The query and texts are cleaned with hashing.clean_text, and each
         (query, text) pair goes through ``CrossEncoder.predict`` with the
         model's own activation (sigmoid for a one-label model unless the
         saved model names another), ``batch_size`` pairs per forward pass.
         On an out-of-memory error the batch is halved and retried (see
-        encoders.encode_with_backoff); a pair that does not fit even alone
-        scores UNSCORED (-inf). No texts: [].
+        encoders.encode_with_backoff); a pair that does not fit even alone,
+        or fails with an error of its own, scores UNSCORED (-inf). No
+        texts: [].
         """
         query = clean_text(query)
         pairs = [(query, clean_text(text)) for text in texts]
@@ -191,11 +191,11 @@ class Reranker:
             run,
             [pairs[i] for i in order],
             self.batch_size,
-            on_out_of_memory=_release_accelerator_memory,
+            on_out_of_memory=release_accelerator_memory,
         )
         if failed:
             logger.warning(
-                "semantic: %d rerank candidate(s) did not fit in memory; they rank last", len(failed)
+                "semantic: %d rerank candidate(s) could not be scored (%s); they rank last", len(failed), next(iter(failed.values()))
             )
         scores = [UNSCORED] * len(pairs)
         for position, index in enumerate(order):

@@ -15,7 +15,7 @@ Fine-tuning on a site's own (query, positive) pairs.
 Both write a complete model directory: into a staging folder first, then
 renamed into place, so a half-written model never stands at the output
 path. A new directory has new files, hence a new model identity and a new
-fingerprint (semantic.encoders.model_identity): pointing an alias at it makes
+fingerprint (semantic.hashing.model_identity): pointing an alias at it makes
 every row of the fields using that alias stale, and the worker or
 ``semantic_reindex`` re-embeds them; searches leave the old vectors out
 meanwhile.

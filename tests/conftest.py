@@ -103,3 +103,42 @@ def unique_text(text):
     """``text`` made unique: the embedding cache outlives tests and test runs,
     and a text it holds would be found there instead of encoded."""
     return f"{text} {uuid.uuid4()}"
+
+
+def pending(field):
+    """Rows of ``field`` a worker would claim now (semantic.status's definition)."""
+    from semantic.status import count_statuses
+
+    return count_statuses(field)["pending"]
+
+
+def store_as_fresh(rows, vectors):
+    """Give saved rows known vectors as if the worker had embedded their texts (a test shortcut).
+
+    Saves never write vectors (only the worker does), so tests that need
+    thousands of rows with chosen vectors write them here, with the source
+    hash each row's save computed as their vector hash.
+    """
+    model = type(rows[0])
+    field = model._meta.get_field("embedding")
+    for row, vector in zip(rows, vectors):
+        setattr(row, field.attname, vector)
+        setattr(row, field.vector_hash_attname, getattr(row, field.source_hash_attname))
+    model._base_manager.bulk_update(rows, [field.attname, field.vector_hash_attname], batch_size=1000)
+
+
+def run_admin_action(action, queryset):
+    """Run the SemanticAdminMixin action ``action`` on ``queryset``, as the changelist does."""
+    from django.contrib import admin
+    from django.contrib.messages.storage.fallback import FallbackStorage
+    from django.test import RequestFactory
+
+    from semantic import SemanticAdminMixin
+
+    class ModelAdmin(SemanticAdminMixin, admin.ModelAdmin):
+        pass
+
+    request = RequestFactory().post("/admin/")
+    request.session = {}
+    request._messages = FallbackStorage(request)
+    getattr(ModelAdmin(queryset.model, admin.site), action)(request, queryset)

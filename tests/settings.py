@@ -37,6 +37,12 @@ SEMANTIC = {
     "BATCH_SIZE": 16,
     "CLAIM_SIZE": 16,
     "COALESCE_SECONDS": 10,
+    # Worker processes started by tests (tests/workers.py) take and send
+    # their tasks on a queue of the test's own.
+    "QUEUE": os.environ.get("SEMANTIC_TEST_QUEUE", "semantic"),
+    # Rows that cannot be encoded are set aside after two attempts (three
+    # by default): the tests of poison rows wait for fewer tasks.
+    "MAX_ATTEMPTS": 2,
     # Tests load models lazily, where they are needed.
     "WARM_UP": False,
 }

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from django.contrib import admin
 from django.db import transaction
+from django.db.models import F
 
 from project.demo.models import Article
-from semantic.admin import KEYWORD, embedding_status, embedding_status_q, format_vector, keyword_reason
+from semantic.admin import KEYWORD, format_vector, keyword_reason
+from semantic.status import embedding_status, status_q as embedding_status_q
 from tests.conftest import wait_until
 from tests.test_demo import demo_articles  # noqa: F401 (fixture)
 
@@ -144,23 +146,28 @@ def test_numeric_term_lists_the_keyword_matches_unless_semantic_is_chosen(admin_
 def test_status_column_and_filter(admin_client, demo_articles):  # noqa: F811
     fresh_page = admin_client.get(URL)
     assert fresh_page.content.decode().count('class="semantic-status semantic-status-fresh"') == 12
-    stale, missing = demo_articles.order_by("pk")[:2]
+    stale, missing, outdated, failed = demo_articles.order_by("pk")[:4]
     # Inside a transaction the worker cannot see: nothing is re-embedded under the test.
     with transaction.atomic():
         Article.objects.filter(pk=stale.pk).mark_stale()
         Article.objects.filter(pk=missing.pk).update(embedding=None, embedding_vector_hash=None)
+        Article.objects.filter(pk=outdated.pk).update(embedding_vector_hash="0" * 56, embedding_source_hash="0" * 56)
+        Article.objects.filter(pk=failed.pk).update(
+            embedding_failed_hash=F("embedding_source_hash"), embedding_attempts=3, embedding_error="the tokenizer gave up"
+        )
         empty = Article.objects.create(topic="tech", title="", body="  ", source_file="tech/empty.txt")
-        expected = {"stale": [stale.pk], "missing": [missing.pk], "no_text": [empty.pk]}
+        expected = {"stale": [stale.pk], "missing": [missing.pk], "outdated": [outdated.pk], "failed": [failed.pk], "no_text": [empty.pk]}
         for status, pks in expected.items():
             assert [r.pk for r in listed(admin_client.get(URL, {"embedding_status": status}))] == pks
             assert list(Article.objects.filter(embedding_status_q(FIELD, status)).values_list("pk", flat=True)) == pks
         fresh = listed(admin_client.get(URL, {"embedding_status": "fresh"}))
-        assert len(fresh) == 10 and {embedding_status(FIELD, r) for r in fresh} == {"fresh"}
+        assert len(fresh) == 8 and {embedding_status(FIELD, r) for r in fresh} == {"fresh"}
         page = admin_client.get(URL).content.decode()
-        for status in ("stale", "missing", "no_text"):
+        for status in expected:
             assert page.count(f'class="semantic-status semantic-status-{status}"') == 1
-        assert page.count('class="semantic-status semantic-status-fresh"') == 10
-        assert ">no text</a>" in page  # the filter's choice
+        assert page.count('class="semantic-status semantic-status-fresh"') == 8
+        assert ">no text</a>" in page and ">other model</a>" in page and ">failed</a>" in page  # the filter's choices
+        assert "3 attempt(s): the tokenizer gave up" in page  # a failed row's error, on its status
         transaction.set_rollback(True)
 
 
@@ -211,7 +218,7 @@ def test_change_page_shows_the_vector_read_only_and_saves_without_touching_it(ad
     response = admin_client.get(url)
     assert response.status_code == 200
     page = response.content.decode()
-    assert format_vector(before.embedding) in page and "384 dims: [" in page and "(fresh)" in page
+    assert format_vector(before.embedding) in page and "384 dims: [" in page and 'semantic-status-fresh" title="' in page and '>fresh</span>)' in page
     assert 'name="embedding' not in page  # no input for the vector or its hashes
     assert "<textarea" in page  # the body is still editable
 

@@ -10,7 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from semantic.distances import get_metric
 from semantic.querysets import embed_query
-from semantic.tasks import embed_stale_rows
+from semantic.worker import embed_stale_rows
 from tests.testapp.models import LongNote, Note, TruncatedNote
 
 # Not transactional: the rows stay invisible to the in-thread worker other
@@ -36,7 +36,7 @@ def long_notes():
         filler = TOPICS[names[(i + 2) % len(names)]]
         notes.append(LongNote.objects.create(title=f"note {i}", body=f"{filler} {TOPICS[topic]} {filler}"))
     totals = embed_stale_rows(LongNote._meta.get_field("embedding"), time_budget=120)
-    assert totals["written"] == len(notes)
+    assert totals.written == len(notes)
     return notes
 
 

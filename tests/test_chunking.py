@@ -14,8 +14,9 @@ from django.test.utils import isolate_apps
 
 from semantic import EmbeddingField
 from semantic.chunking import Chunker, split_text
-from semantic.tasks import StaleRows, embed_batch, embed_stale_rows
-from tests.conftest import wait_until
+from semantic.status import NO_TEXT, STALE, embedding_status
+from semantic.worker import embed_batch, embed_stale_rows
+from tests.conftest import pending, wait_until
 from tests.testapp.models import LongNote, Note, NoteEmbeddingChunk, TruncatedNote
 
 # The hashed-text cache (Redis) outlives a test run: texts unique to this run
@@ -150,6 +151,23 @@ def test_overlap_not_below_the_model_limit_is_reported_by_checks():
     assert "semantic.E005" in declare()
 
 
+@pytest.mark.parametrize("max_chunks", [0, -3, 2.5, True, "many"])
+def test_a_chunk_limit_that_is_not_a_positive_integer_is_reported_by_checks(max_chunks):
+    @isolate_apps("tests.testapp")
+    def declare():
+        class Limited(models.Model):
+            class Meta:
+                app_label = "testapp"
+
+            text = models.TextField()
+            embedding = EmbeddingField(source="text", model="tiny_short", max_chunks=max_chunks)
+
+        return [e for e in Limited.check() if e.id == "semantic.E007"]
+
+    [error] = declare()
+    assert f"max_chunks must be a positive integer, not {max_chunks!r}" in error.msg
+
+
 def test_many_tokens_split_in_reasonable_time():
     text = prose(200_000, seed=3)  # about 1.3 MB
     started = time.perf_counter()
@@ -211,7 +229,8 @@ def test_each_concrete_child_of_an_abstract_model_gets_its_own_chunk_model():
 def test_long_text_is_stored_as_chunks_encoded_like_their_text():
     text = prose(120, seed=4)
     note = LongNote.objects.create(body=text)
-    assert embed_batch(long_note_field())[:2] == (1, 1)
+    result = embed_batch(long_note_field())
+    assert (result.claimed, result.embedded) == (1, 1)
     chunks = stored_chunks(note)
     expected = chunker().split(text)
     assert len(chunks) == len(expected) > 5
@@ -252,7 +271,7 @@ def test_editing_replaces_the_chunks_and_encodes_only_changed_ones(stats_delta):
     paragraphs[-1] = prose(40, seed=99)
     note.body = "\n\n".join(paragraphs)
     note.save()
-    assert StaleRows(long_note_field(), "default").count() == 1
+    assert pending(long_note_field()) == 1
     embed_batch(long_note_field())
     new = stored_chunks(note)
     assert not {c.pk for c in new} & {c.pk for c in old}
@@ -272,13 +291,19 @@ def test_clearing_the_text_removes_the_vector_and_the_chunks():
     note.title, note.body = "", "   "
     note.save()
     row = LongNote.objects.get(pk=note.pk)
-    assert row.embedding is None and row.embedding_source_hash is None
-    # The save cleared the vector; the leftover chunks make the row stale
-    # until the worker deletes them.
-    assert StaleRows(field, "default").count() == 1
-    assert embed_batch(field)[:2] == (1, 1)
+    # The save only says the text is gone; searches leave the row out at
+    # once, and it is stale until the worker removes its vector and chunks.
+    assert row.embedding_source_hash is None
+    assert embedding_status(field, row) == STALE
+    assert not LongNote.objects.filter(pk=note.pk).nearest(row.embedding, exact=True).exists()
+    assert pending(field) == 1
+    result = embed_batch(field)
+    assert (result.claimed, result.cleared) == (1, 1)
+    row = LongNote.objects.get(pk=note.pk)
+    assert row.embedding is None and row.embedding_vector_hash is None
+    assert embedding_status(field, row) == NO_TEXT
     assert stored_chunks(note) == []
-    assert StaleRows(field, "default").count() == 0
+    assert pending(field) == 0
 
 
 @pytest.mark.django_db
@@ -312,24 +337,26 @@ def test_changing_the_overlap_makes_chunked_rows_stale(settings):
     field = Note._meta.get_field("embedding")
     Note.objects.create(title=f"Chunked under one overlap {RUN}")
     embed_batch(field)
-    assert StaleRows(field, "default").count() == 0
+    assert pending(field) == 0
     with override_settings(SEMANTIC={**settings.SEMANTIC, "CHUNK_OVERLAP": 8}):
-        assert StaleRows(field, "default").count() == 1
+        assert pending(field) == 1
         embed_batch(field)
-        assert StaleRows(field, "default").count() == 0
+        assert pending(field) == 0
         assert Note.objects.get().embedding_vector_hash.startswith(field.fingerprint)
 
 
 @pytest.mark.django_db
-def test_a_long_document_is_chunked_and_embedded():
+def test_a_long_document_is_chunked_and_embedded(settings):
     # A quarter of a megabyte: a whole megabyte splits in about 2 s (above)
     # but its ~2,700 windows of 128 tokens take 25-50 s to encode on a shared
     # CPU even with the tiny model, too slow for every test run.
+    settings.SEMANTIC = {**settings.SEMANTIC, "MAX_CHUNKS": 5000}
     field = Note._meta.get_field("embedding")
     body = prose(40_000, seed=8)
     assert len(body) > 250_000
     note = Note.objects.create(title="A very long document", body=body)
-    assert embed_batch(field) == (1, 1, [])
+    result = embed_batch(field)
+    assert (result.claimed, result.embedded, result.failed) == (1, 1, [])
     chunks = note.embedding_chunks.order_by("index")
     assert chunks.count() > 500
     assert chunks.last().end == len(f"A very long document\n\n{body}")
@@ -344,4 +371,4 @@ def test_worker_writes_chunks_after_a_save(celery_worker):
     note = LongNote.objects.create(body=prose(50, seed=9))
     wait_until(lambda: LongNote.objects.filter(pk=note.pk, embedding__isnull=False).exists(), message="the worker to embed")
     assert len(stored_chunks(note)) == len(chunker().split(note.body)) > 1
-    assert embed_stale_rows(long_note_field())["claimed"] == 0
+    assert embed_stale_rows(long_note_field()).claimed == 0

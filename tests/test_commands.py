@@ -27,9 +27,9 @@ from semantic import cache
 from semantic.encoders import get_encoder
 from semantic.management.commands import semantic_reindex
 from semantic.management.commands.semantic_status import queue_length
-from semantic.signals import release_wake_key
-from semantic.tasks import StaleRows, embed_stale_rows
-from tests.conftest import unique_text
+from semantic.wakeups import release_wake_key
+from semantic.worker import embed_stale_rows
+from tests.conftest import pending, unique_text
 from tests.searchapp.models import Passage
 from tests.testapp.models import LongNote, Note
 
@@ -87,7 +87,7 @@ def manage(*args, env=None, **popen):
 
 
 def stale(field=NOTE):
-    return StaleRows(field, "default").count()
+    return pending(field)
 
 
 def make_notes(count, tag, **fields):
@@ -312,9 +312,11 @@ def test_status_json_counts_chunks_indexes_and_the_queue():
     status = json.loads(out)
 
     note = status["fields"]["testapp.Note.embedding"]
-    assert {key: note[key] for key in ("rows", "with_text", "stale", "embedded_fresh", "missing", "no_text")} == {
-        "rows": 6, "with_text": 6, "stale": 2, "embedded_fresh": 4, "missing": 2, "no_text": 0,
+    counted = ("rows", "with_text", "pending", "fresh", "stale", "missing", "outdated", "failed", "no_text")
+    assert {key: note[key] for key in counted} == {
+        "rows": 6, "with_text": 6, "pending": 2, "fresh": 4, "stale": 0, "missing": 2, "outdated": 0, "failed": 0, "no_text": 0,
     }
+    assert note["failures"] == []
     assert note["fingerprint"] == NOTE.fingerprint and note["encoder_fingerprint"] == get_encoder("tiny").fingerprint
     assert note["chunks"] == 4 and note["chunk_table"] == "testapp_note_embedding_chunk"
     assert note["index"] == []  # Note has no vector index
@@ -334,7 +336,8 @@ def test_status_text_names_each_field_and_the_queue():
     out, _ = run("semantic_status", "testapp.Note", "searchapp.Passage")
     assert "testapp.Note.embedding" in out and "searchapp.Passage.embedding" in out
     assert "testapp.LongNote" not in out
-    assert "stale 3 (missing a vector 3, made by another model or settings 0)" in out
+    assert "pending 3 (stale 0, missing a vector 3, made by another model or settings 0)" in out
+    assert "failed       0" in out
     assert "index        none: searches scan exactly" in out
     assert "passage_embedding_hnsw (hnsw, vector_cosine_ops)" in out
     assert f"Queue '{COMMANDS_QUEUE}': " in out
@@ -357,7 +360,7 @@ def test_status_as_an_operator_runs_it():
     out, err = status.communicate(timeout=120)
     assert status.returncode == 0, err
     note = json.loads(out)["fields"]["testapp.Note.embedding"]
-    assert (note["rows"], note["stale"]) == (5, 5)
+    assert (note["rows"], note["pending"], note["missing"]) == (5, 5, 5)
     # The operator's process uses the default queue, which nobody filled here.
     assert json.loads(out)["queue"]["name"] == "semantic"
 

@@ -10,7 +10,8 @@ from django.test.utils import isolate_apps
 from semantic import EmbeddingField
 from semantic.conf import semantic_settings
 from semantic.encoders import Encoder, get_encoder, resolve_device
-from semantic.tasks import embed_batch
+from semantic.worker import embed_batch
+from tests.conftest import pending
 from tests.testapp.models import MismatchedNote, Note
 
 
@@ -164,7 +165,7 @@ def test_fingerprint_covers_everything_that_changes_vectors(settings):
 def test_model_identity_follows_the_files_not_the_path(tmp_path, settings):
     import shutil
 
-    from semantic.encoders import model_identity
+    from semantic.hashing import model_identity
 
     copy = shutil.copytree(settings.TINY_MODEL_DIR, tmp_path / "copy")
     assert model_identity(copy) == model_identity(settings.TINY_MODEL_DIR)
@@ -177,17 +178,15 @@ def test_model_identity_follows_the_files_not_the_path(tmp_path, settings):
 
 @pytest.mark.django_db
 def test_switching_the_model_configuration_makes_rows_stale(settings):
-    from semantic.tasks import StaleRows
-
     field = Note._meta.get_field("embedding")
     note = Note.objects.create(title="Embedded under one configuration")
     embed_batch(field)
-    assert StaleRows(field, "default").count() == 0
+    assert pending(field) == 0
     changed = {**settings.SEMANTIC, "MODELS": {**settings.SEMANTIC["MODELS"], "tiny": {**settings.SEMANTIC["MODELS"]["tiny"], "document_prefix": "passage: "}}}
     with override_settings(SEMANTIC=changed):
-        assert StaleRows(field, "default").count() == 1
+        assert pending(field) == 1
         embed_batch(field)
-        assert StaleRows(field, "default").count() == 0
+        assert pending(field) == 0
         assert Note.objects.get(pk=note.pk).embedding_vector_hash.startswith(field.fingerprint)
 
 
@@ -215,8 +214,8 @@ def test_out_of_memory_halves_the_batch_until_it_fits():
     texts = [f"text {i}" for i in range(20)]
     encode, calls = fits_in(5)
     released = []
-    vectors, failed = encode_with_backoff(encode, texts, 16, on_out_of_memory=lambda: released.append(1))
-    assert failed == [] and all(v is not None for v in vectors)
+    vectors, failures = encode_with_backoff(encode, texts, 16, on_out_of_memory=lambda: released.append(1))
+    assert failures == {} and all(v is not None for v in vectors)
     assert calls[:3] == [16, 8, 4] and set(calls[2:]) == {4}
     assert len(released) == 2
 
@@ -226,19 +225,42 @@ def test_a_text_too_big_even_alone_fails_alone():
 
     texts = ["a", "b", "huge", "c"]
     encode, calls = fits_in(8, fail_on={"huge"})
-    vectors, failed = encode_with_backoff(encode, texts, 4)
-    assert failed == [2]
+    vectors, failures = encode_with_backoff(encode, texts, 4)
+    assert failures == {2: "out of memory even alone"}
     assert vectors[2] is None and all(vectors[i] is not None for i in (0, 1, 3))
 
 
-def test_other_errors_are_not_swallowed():
+def test_a_text_that_breaks_the_encoder_fails_alone():
+    from semantic.encoders import encode_with_backoff
+
+    calls = []
+
+    def encode(texts, size):
+        calls.append(list(texts))
+        if "poison" in texts:
+            raise ValueError("tokenizer exploded")
+        return [np.full(2, len(t), dtype=np.float32) for t in texts]
+
+    texts = ["a", "b", "poison", "c", "d", "e"]
+    vectors, failures = encode_with_backoff(encode, texts, 4)
+    assert failures == {2: "ValueError: tokenizer exploded"}
+    assert vectors[2] is None and [len(vectors[i]) for i in (0, 1, 3, 4, 5)] == [2] * 5
+    # The failed batch again text by text, then batches as before.
+    assert calls == [["a", "b", "poison", "c"], ["a"], ["b"], ["poison"], ["c"], ["d", "e"]]
+
+
+def test_an_encoder_that_fails_every_text_raises():
     from semantic.encoders import encode_with_backoff
 
     def broken(texts, size):
-        raise ValueError("tokenizer exploded")
+        raise ValueError("the device is gone")
 
-    with pytest.raises(ValueError):
-        encode_with_backoff(broken, ["a"], 4)
+    # Every text of the batch fails alone too: the encoder is broken, not the
+    # texts, and no row should be marked failed for it.
+    with pytest.raises(ValueError, match="the device is gone"):
+        encode_with_backoff(broken, ["a", "b", "c"], 4)
+    # A single text cannot tell the two apart: it fails alone.
+    assert encode_with_backoff(broken, ["a"], 4)[1] == {0: "ValueError: the device is gone"}
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from semantic.evaluation import (
     recall_at_k,
     score_rankings,
 )
-from semantic.tasks import embed_stale_rows
+from semantic.worker import embed_stale_rows
 from tests.conftest import unique_text
 from tests.testapp.models import Note
 
@@ -190,7 +190,7 @@ TOPICS = [
 def notes(db):
     rows = [Note.objects.create(title=unique_text(title), body=body) for title, body in TOPICS]
     totals = embed_stale_rows(NOTE)
-    assert totals["written"] == len(rows)
+    assert totals.written == len(rows)
     return rows
 
 

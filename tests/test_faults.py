@@ -1,30 +1,26 @@
 """Faults against real services: workers in their own processes, killed and doubled;
-Redis killed under saves; a row edited while the worker encodes it."""
+Redis killed under saves. (A row edited while the worker encodes it: test_edit_during_encode.)"""
 
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from contextlib import contextmanager
-from urllib.parse import quote
 
 import numpy as np
 import pytest
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import transaction
 from django.test import override_settings
 
 from project import devservices
 from project.celery import app
 from semantic.encoders import get_encoder
-from semantic.signals import enqueue_embedding, release_wake_key
-from semantic.tasks import StaleRows, embed_batch, embed_stale_rows, sweep
-from tests.conftest import unique_text, wait_until
+from semantic.tasks import sweep
+from semantic.wakeups import enqueue_embedding
+from tests.conftest import pending, unique_text, wait_until
 from tests.testapp.models import Note
+from tests.workers import start_worker_process, stop
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,35 +32,8 @@ def faults_settings():
     return override_settings(SEMANTIC={**settings.SEMANTIC, "QUEUE": FAULT_QUEUE})
 
 
-def start_worker_process(name, tmp_path, redis_url=None):
-    """A real `celery worker` process on the test database and the test Redis (or ``redis_url``)."""
-    db = connection.settings_dict
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"postgres://{db['USER']}@{quote(db['HOST'], safe='')}/{db['NAME']}",
-        "REDIS_URL": redis_url or settings.REDIS_URL,
-    }
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "project", "worker", "--pool", "solo", "-Q", FAULT_QUEUE,
-         "-n", f"{name}@%h", "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
-        cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-
-
-def stop(process):
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def stale_count():
-    return StaleRows(Note._meta.get_field("embedding"), "default").count()
+    return pending(Note._meta.get_field("embedding"))
 
 
 def assert_every_vector_matches_its_text(sample=25):
@@ -83,7 +52,7 @@ def make_backlog(count, tag):
 
 
 def test_two_workers_on_one_backlog_encode_each_text_once(tmp_path, stats_delta, request):
-    workers = [start_worker_process(f"twin{i}", tmp_path) for i in range(2)]
+    workers = [start_worker_process(f"twin{i}", tmp_path, FAULT_QUEUE) for i in range(2)]
     try:
         make_backlog(600, request.node.name)
         with faults_settings():
@@ -98,7 +67,7 @@ def test_two_workers_on_one_backlog_encode_each_text_once(tmp_path, stats_delta,
 
 
 def test_worker_killed_mid_batch_loses_nothing(tmp_path, request):
-    victim = start_worker_process("victim", tmp_path)
+    victim = start_worker_process("victim", tmp_path, FAULT_QUEUE)
     try:
         make_backlog(3000, request.node.name)
         wait_until(lambda: Note.objects.exclude(embedding=None).exists(), timeout=120, message="the first batch")
@@ -108,7 +77,7 @@ def test_worker_killed_mid_batch_loses_nothing(tmp_path, request):
         stop(victim)
     left = stale_count()
     assert left > 0, "the worker finished before it was killed; the test proved nothing"
-    survivor = start_worker_process("survivor", tmp_path)
+    survivor = start_worker_process("survivor", tmp_path, FAULT_QUEUE)
     try:
         # The killed task's message stays unacknowledged until the broker's
         # visibility timeout; the periodic sweep is what wakes a worker now.
@@ -218,7 +187,7 @@ def test_saves_succeed_while_redis_is_down_and_are_embedded_when_it_is_back(thro
             assert rows == 6 and stale_count() == rows
 
             throwaway_redis.start()  # empty: every wake-up sent so far is gone
-            worker = start_worker_process("after-outage", tmp_path, redis_url=throwaway_redis.url)
+            worker = start_worker_process("after-outage", tmp_path, FAULT_QUEUE, redis_url=throwaway_redis.url)
             # What Celery beat would run within minutes.
             assert sweep()["testapp.Note.embedding"] == rows
             wait_until(lambda: stale_count() == 0, timeout=180, message="the worker to embed the rows saved during the outage")
@@ -266,67 +235,3 @@ def test_a_save_fails_fast_when_redis_is_unreachable(unreachable_port, semantic_
     assert elapsed < 2.0, f"the save took {elapsed:.2f}s"
     assert any("could not enqueue embedding" in record.getMessage() for record in semantic_logs.records)
     assert stale_count() == 1
-
-
-def discard_wake_ups():
-    """Drop the Note wake-ups a test sent to the fault queue and had no worker take.
-
-    Their coalescing key goes too: left behind, it would swallow the next
-    test's wake-up for up to COALESCE_SECONDS.
-    """
-    with app.connection_for_write() as broker:
-        broker.default_channel.queue_purge(FAULT_QUEUE)
-    release_wake_key(Note, "embedding", "default")
-
-
-def test_row_edited_while_its_old_text_is_encoded_ends_with_its_newest_vector(monkeypatch):
-    old_text, new_text = unique_text("The old text, being encoded"), unique_text("The new text, saved meanwhile")
-    edited = []
-
-    def save_new_text_from_another_connection(pk):
-        try:
-            row = Note.objects.get(pk=pk)
-            row.title = new_text
-            row.save()
-            edited.append(pk)
-        finally:
-            connections.close_all()  # this thread's connection
-
-    try:
-        # Wake-ups go to the fault queue, which no worker consumes during this
-        # test: the direct calls below are the only worker.
-        with faults_settings():
-            field = Note._meta.get_field("embedding")
-            encoder = field.encoder
-            real_encode = encoder.encode
-            test_thread = threading.get_ident()
-
-            def encode_then_edit(texts, **kwargs):
-                # The real model runs on the old text; then, before the
-                # vector is written back, a user saves a new text.
-                result = real_encode(texts, **kwargs)
-                if threading.get_ident() == test_thread and not edited:
-                    editor = threading.Thread(target=save_new_text_from_another_connection, args=(note.pk,))
-                    editor.start()
-                    editor.join(30)
-                    assert not editor.is_alive(), "the save waited for the worker's transaction"
-                return result
-
-            monkeypatch.setattr(encoder, "encode", encode_then_edit)
-            note = Note.objects.create(title=old_text)
-
-            assert embed_batch(field) == (1, 0, [])
-            assert edited == [note.pk], "encode() did not run, so nothing was edited during it"
-            # The write-back skipped the row: no vector for the old text.
-            row = Note.objects.get(pk=note.pk)
-            assert row.title == new_text
-            assert row.embedding is None and row.embedding_vector_hash is None
-            assert stale_count() == 1
-
-            assert embed_stale_rows(field)["written"] == 1
-            row = Note.objects.get(pk=note.pk)
-            assert row.embedding_vector_hash == row.embedding_source_hash == field.compute_source_hash(row)
-            [expected], _ = real_encode([new_text])
-            assert np.allclose(row.embedding, expected, atol=1e-4)
-    finally:
-        discard_wake_ups()

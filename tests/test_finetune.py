@@ -16,10 +16,11 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import override_settings
 
-from semantic.encoders import get_encoder, model_identity
-from semantic.tasks import StaleRows, embed_stale_rows
+from semantic.encoders import get_encoder
+from semantic.hashing import model_identity
+from semantic.worker import embed_stale_rows
+from tests.conftest import pending, unique_text
 from semantic.training import TRAINING_FILE, TrainingError, load_pairs, split_pairs
-from tests.conftest import unique_text
 from tests.testapp.models import Note
 
 NOTE = Note._meta.get_field("embedding")
@@ -79,7 +80,7 @@ def test_finetune_writes_a_model_that_replaces_the_old_vectors(db, tmp_path, pai
     from sentence_transformers import SentenceTransformer
 
     notes = [Note.objects.create(title=unique_text(q), body=p) for q, p in PAIRS[:5]]
-    assert embed_stale_rows(NOTE)["written"] == len(notes)
+    assert embed_stale_rows(NOTE).written == len(notes)
     query = notes[0].title
     assert Note.objects.semantic_search(query, k=10).count() == len(notes)
     old_fingerprint = NOTE.fingerprint
@@ -105,16 +106,16 @@ def test_finetune_writes_a_model_that_replaces_the_old_vectors(db, tmp_path, pai
     models = {**settings.SEMANTIC["MODELS"], "tiny": {"path": str(output), "dimensions": settings.TINY_DIMENSIONS}}
     with override_settings(SEMANTIC={**settings.SEMANTIC, "MODELS": models}):
         assert NOTE.fingerprint != old_fingerprint
-        assert StaleRows(NOTE, "default").count() == len(notes)
+        assert pending(NOTE) == len(notes)
         assert Note.objects.semantic_search(query, k=10).count() == 0
-        assert embed_stale_rows(NOTE)["written"] == len(notes)
-        assert StaleRows(NOTE, "default").count() == 0
+        assert embed_stale_rows(NOTE).written == len(notes)
+        assert pending(NOTE) == 0
         found = list(Note.objects.semantic_search(query, k=10).values_list("pk", flat=True))
         assert sorted(found) == sorted(n.pk for n in notes)
         assert all(h.startswith(NOTE.fingerprint) for h in Note.objects.values_list("embedding_vector_hash", flat=True))
         assert get_encoder("tiny").location == str(output)
     # Back on the old model: stale again (nothing of the new model is mixed in).
-    assert StaleRows(NOTE, "default").count() == len(notes)
+    assert pending(NOTE) == len(notes)
 
 
 def test_finetune_refuses_to_overwrite_and_retrains_in_place_with_overwrite(tmp_path, pairs_file):

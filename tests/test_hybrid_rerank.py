@@ -10,7 +10,7 @@ from django.contrib.postgres.search import SearchQuery, SearchRank, SearchVector
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 
-from semantic.encoders import clean_text
+from semantic.hashing import clean_text
 from tests.conftest import wait_until
 from tests.testapp.models import Note
 

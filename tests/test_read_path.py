@@ -16,6 +16,7 @@ from django.db.models.expressions import RawSQL
 from sentence_transformers import util
 
 from semantic.querysets import embed_query
+from tests.conftest import store_as_fresh
 from tests.searchapp.models import IpPassage, Passage
 
 ROWS = 10_000
@@ -33,13 +34,9 @@ def clustered_vectors(count, dimensions, seed, clusters=40):
 
 def load_fresh_rows(model, vectors, **columns):
     """Insert rows whose vectors are already fresh (vector hash = source hash)."""
-    field = model._meta.get_field("embedding")
-    rows = []
-    for i, vector in enumerate(vectors):
-        row = model(text=f"passage {i}", embedding=vector, **{name: values[i] for name, values in columns.items()})
-        setattr(row, field.vector_hash_attname, field.compute_source_hash(row))
-        rows.append(row)
+    rows = [model(text=f"passage {i}", **{name: values[i] for name, values in columns.items()}) for i in range(len(vectors))]
     model.objects.bulk_create(rows, batch_size=2000)
+    store_as_fresh(rows, vectors)
     connection.cursor().execute(f"ANALYZE {model._meta.db_table}")
 
 
@@ -173,9 +170,9 @@ def test_similar_to_leaves_the_row_itself_out(passages):
 @pytest.mark.django_db
 def test_similar_to_a_row_without_vector_is_a_clear_error(passages):
     row = Passage.objects.create(text="", bucket=0)
-    with pytest.raises(ValueError, match="has no embedding vector yet"):
+    with pytest.raises(ValueError, match="has no searchable embedding vector"):
         Passage.objects.similar_to(row)
-    with pytest.raises(ValueError, match="has no embedding vector yet"):
+    with pytest.raises(ValueError, match="has no searchable embedding vector"):
         Passage.objects.similar_to(10**12)
 
 
@@ -190,9 +187,9 @@ def test_huge_k_returns_every_matching_row(passages):
 def test_bad_vector_and_field_are_clear_errors(passages):
     with pytest.raises(ValueError, match="32-dimensional"):
         Passage.objects.nearest(np.zeros(7), k=3)
-    with pytest.raises(ImproperlyConfigured, match="not an EmbeddingField"):
+    with pytest.raises(ImproperlyConfigured, match="has no embedding field"):
         Passage.objects.nearest(query_vector(1), field="text", k=3)
-    with pytest.raises(ImproperlyConfigured, match="not an EmbeddingField"):
+    with pytest.raises(ImproperlyConfigured, match="has no embedding field"):
         Passage.objects.semantic_search("anything", field="no_such_field")
     with pytest.raises(ValueError, match="iterative_scan"):
         Passage.objects.nearest(query_vector(1), k=3, iterative_scan="sideways")

@@ -12,6 +12,7 @@ from sentence_transformers import util
 
 from project.demo.corpus import iter_articles
 from semantic.querysets import embed_query
+from tests.conftest import store_as_fresh
 from tests.searchapp.models import Headline
 
 QUERIES = 100
@@ -24,12 +25,8 @@ def headlines(django_db_setup, django_db_blocker):
     vectors, failed = field.encoder.encode([a.title for a in articles])
     assert not failed
     with django_db_blocker.unblock():
-        rows = []
-        for article, vector in zip(articles, vectors):
-            row = Headline(title=article.title, topic=article.topic, embedding=vector)
-            setattr(row, field.vector_hash_attname, field.compute_source_hash(row))
-            rows.append(row)
-        Headline.objects.bulk_create(rows, batch_size=1000)
+        rows = Headline.objects.bulk_create([Headline(title=a.title, topic=a.topic) for a in articles], batch_size=1000)
+        store_as_fresh(rows, vectors)
         # Planner statistics, as autovacuum would gather them: without them
         # PostgreSQL guesses that filters keep 0.5% of rows.
         connection.cursor().execute(f"ANALYZE {Headline._meta.db_table}")

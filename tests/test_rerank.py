@@ -11,7 +11,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from semantic import rerank
-from semantic.encoders import clean_text, resolve_device, use_half_precision
+from semantic.encoders import resolve_device, use_half_precision
+from semantic.hashing import clean_text
 
 QUERY = "  where do cats sleep during the day?\x00 "
 TEXTS = [
@@ -279,7 +280,7 @@ def test_out_of_memory_halves_the_batch_and_a_pair_that_never_fits_ranks_last(
         return real_predict(pairs, batch_size=batch_size, **kwargs)
 
     monkeypatch.setattr(reranker.model, "predict", predict)
-    monkeypatch.setattr(rerank, "_release_accelerator_memory", lambda: None)
+    monkeypatch.setattr(rerank, "release_accelerator_memory", lambda: None)
     ranked = reranker.rerank(QUERY, list(range(len(TEXTS))), TEXTS.__getitem__)
 
     assert calls[0] == len(TEXTS)

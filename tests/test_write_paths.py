@@ -3,22 +3,23 @@
 import numpy as np
 import pytest
 
-from semantic.tasks import StaleRows, embed_batch
-from tests.conftest import wait_until
+from semantic.distances import vector_literal
+from semantic.status import FRESH, NO_TEXT, embedding_status
+from semantic.tasks import sweep
+from semantic.worker import RowWriter, embed_batch
+from tests.conftest import pending, wait_until
 from tests.testapp.models import Note
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def fresh(pk):
-    row = Note.objects.get(pk=pk)
-    if row.embedding_source_hash is None:
-        return row.embedding is None and row.embedding_vector_hash is None
-    return row.embedding is not None and row.embedding_vector_hash == row.embedding_source_hash
+    """Whether the row's vector is its current text's (or it has no text and no vector)."""
+    return embedding_status(Note._meta.get_field("embedding"), Note.objects.get(pk=pk)) in (FRESH, NO_TEXT)
 
 
 def all_fresh():
-    return StaleRows(Note._meta.get_field("embedding"), "default").count() == 0
+    return pending(Note._meta.get_field("embedding")) == 0
 
 
 def test_bulk_create_is_embedded(celery_worker, request):
@@ -78,10 +79,11 @@ def test_raw_sql_edit_marked_stale_by_hand_is_re_embedded(celery_worker, request
     wait_until(lambda: fresh(note.pk), message="first embedding")
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE testapp_note SET title = %s, embedding_source_hash = 'stale' WHERE id = %s",
+            "UPDATE testapp_note SET title = %s, embedding_source_hash = 'stale:' || gen_random_uuid() WHERE id = %s",
             [f"Edited by raw SQL {request.node.name}", note.pk],
         )
-    Note.objects.filter(pk=note.pk).mark_stale()  # also wakes a worker
+    assert not fresh(note.pk)
+    sweep()  # what Celery beat runs every few minutes: it wakes a worker
     wait_until(lambda: fresh(note.pk), message="raw edit re-embedded")
 
 
@@ -93,12 +95,13 @@ def test_row_deleted_while_queued_does_not_break_the_batch(request):
     keep = Note.objects.create(title=f"Kept {request.node.name}")
     gone = Note.objects.create(title=f"Deleted {request.node.name}")
     Note.objects.filter(pk=gone.pk).delete()
-    claimed, written, failed = embed_batch(field)
-    assert (claimed, written, failed) == (1, 1, [])
+    result = embed_batch(field)
+    assert (result.claimed, result.embedded, result.failed) == (1, 1, [])
     assert fresh(keep.pk)
     # Deleted after its claim: the write-back finds nothing to update.
-    stale = StaleRows(field, "default")
-    assert stale.write([(gone.pk, gone.embedding_source_hash, gone.embedding_source_hash, None)]) == 0
+    writer = RowWriter(field, "default")
+    vector = vector_literal([0.0] * field.dimensions)
+    assert writer.write_vectors([(gone.pk, gone.embedding_source_hash, gone.embedding_source_hash, vector)]) == []
 
 
 @pytest.mark.django_db(transaction=False)
@@ -113,8 +116,8 @@ def test_row_deleted_while_queued_does_not_break_the_batch(request):
 def test_awkward_text_is_embedded_without_crashing(body, request):
     field = Note._meta.get_field("embedding")
     note = Note.objects.create(title=request.node.name, body=body)
-    claimed, written, failed = embed_batch(field)
-    assert (written, failed) == (claimed, [])
+    result = embed_batch(field)
+    assert (result.embedded, result.failed) == (result.claimed, [])
     assert fresh(note.pk)
 
 
@@ -128,8 +131,6 @@ def test_nul_bytes_from_a_source_are_dropped_before_hashing_and_encoding():
 
 def test_sweep_finds_raw_sql_edits_and_rows_nothing_woke(celery_worker, request):
     from django.db import connection
-
-    from semantic.tasks import sweep
 
     note = Note.objects.create(title=f"Before raw edit {request.node.name}")
     wait_until(lambda: fresh(note.pk), message="first embedding")

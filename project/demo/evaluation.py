@@ -125,7 +125,8 @@ def bbc_suite(alias="default", *, limit=None, using="default", progress=True):
     from tqdm import tqdm
 
     from semantic.conf import semantic_settings
-    from semantic.tasks import StaleRows, embed_stale_rows
+    from semantic.status import count_statuses
+    from semantic.worker import embed_batch
 
     articles = bbc_split().held_out[:limit]
     model = _evaluation_model(alias or "default")
@@ -148,11 +149,12 @@ def bbc_suite(alias="default", *, limit=None, using="default", progress=True):
                 search=SearchVector("body", config=semantic_settings.HYBRID_TEXT_CONFIG)
             )
             field = model._meta.get_field("embedding")
-            with tqdm(total=StaleRows(field, using).count(), desc=f"Embedding with {alias!r}", unit="row", disable=not progress) as bar:
+            pending = count_statuses(field, using=using)["pending"]
+            with tqdm(total=pending, desc=f"Embedding with {alias!r}", unit="row", disable=not progress) as bar:
                 while True:
-                    totals = embed_stale_rows(field, using, time_budget=0, claim_size=64)
-                    bar.update(totals["written"])
-                    if not totals["claimed"]:
+                    result = embed_batch(field, using, claim_size=64)
+                    bar.update(result.written)
+                    if not result.claimed:
                         break
             yield EvaluationSuite(
                 queryset=model.objects.using(using).all(),

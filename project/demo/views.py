@@ -2,6 +2,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.shortcuts import render
 
 from project.demo.models import Article
+from semantic.status import FRESH, count_statuses
 
 MAX_QUERY_LENGTH = 1000
 RESULTS = 10
@@ -13,14 +14,15 @@ def search(request):
     topic = request.GET.get("topic", "")
     mode = request.GET.get("mode", "semantic")
     topics = Article.objects.order_by("topic").values_list("topic", flat=True).distinct()
+    counts = count_statuses(Article._meta.get_field("embedding"))
     context = {
         "query": query,
         "topic": topic,
         "mode": mode,
         "topics": list(topics),
         "results": [],
-        "total": Article.objects.count(),
-        "embedded": Article.objects.filter(embedding__isnull=False).count(),
+        "total": counts["rows"],
+        "embedded": counts[FRESH],
         "error": "",
     }
     if query:

@@ -54,3 +54,14 @@ class TruncatedNote(models.Model):
     embedding = EmbeddingField(source="body", model="tiny_short", chunks=False)
 
     objects = SemanticManager()
+
+
+class Draft(models.Model):
+    """The randomized write-path test: chunked texts, and a chunk limit that a text can exceed."""
+
+    title = models.CharField(max_length=200, blank=True)
+    body = models.TextField(blank=True, null=True)
+
+    embedding = EmbeddingField(source=["title", "body"], model="tiny_short", chunk_overlap=4, max_chunks=6)
+
+    objects = SemanticManager()

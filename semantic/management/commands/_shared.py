@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connections
 from django.utils.connection import ConnectionDoesNotExist
 
-from semantic.fields import embedding_fields
+from semantic.fields import embedding_fields, get_embedding_field
 from semantic.status import embedding_fields_on
 
 LABEL_HELP = "app_label.Model or app_label.Model.field, e.g. demo.Article or demo.Article.embedding"
@@ -31,16 +31,14 @@ def resolve_label(label):
         model = apps.get_model(parts[0], parts[1])
     except LookupError as exc:
         raise CommandError(f"Unknown model {parts[0]}.{parts[1]}: {exc}") from exc
-    fields = embedding_fields(model)
-    if not fields:
-        raise CommandError(f"{model._meta.label} has no EmbeddingField.")
     if len(parts) == 2:
+        if not embedding_fields(model):
+            raise CommandError(f"{model._meta.label} has no EmbeddingField.")
         return model, None
-    for field in fields:
-        if field.name == parts[2]:
-            return model, field
-    names = ", ".join(field.name for field in fields)
-    raise CommandError(f"{model._meta.label} has no embedding field {parts[2]!r} (it has: {names}).")
+    try:
+        return model, get_embedding_field(model, parts[2])
+    except ImproperlyConfigured as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def resolve_fields(labels, using):

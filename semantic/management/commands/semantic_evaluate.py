@@ -4,6 +4,7 @@ import json
 from django.core.management.base import CommandError
 
 from semantic.evaluation import MODE_HELP, MODES, evaluate, format_table, import_callable
+from semantic.fields import get_embedding_field
 from semantic.management.commands._shared import LABEL_HELP, SemanticCommand, field_label, resolve_label
 
 
@@ -74,7 +75,7 @@ class Command(SemanticCommand):
             queryset = model_class._default_manager.using(database).all()
             if not hasattr(queryset, "semantic_search"):
                 raise CommandError(f"{model_class._meta.label}'s default manager is not a SemanticManager.")
-            field = queryset._embedding_field(embedding_field.name if embedding_field else None)
+            field = embedding_field or get_embedding_field(model_class)
             result = _evaluate(queryset, queries, field=field.name, id_field=id_field or "pk", **common)
             result["title"] = f"{field_label(field)}, queries from {queries}"
         self.stdout.write(json.dumps(result, indent=2, sort_keys=True) if as_json else render(result))

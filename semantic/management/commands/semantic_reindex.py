@@ -12,6 +12,7 @@ marking (and, with ``--force``, re-encoding) rows this run already did.
 
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field as dataclass_field
@@ -25,11 +26,10 @@ from tqdm import tqdm
 
 from semantic import cache as embedding_cache
 from semantic.conf import semantic_settings
-from semantic.fields import STALE_MARKER
 from semantic.management.commands._shared import LABEL_HELP, SemanticCommand, field_label, first_line, resolve_fields
-from semantic.signals import enqueue_embedding
-from semantic.status import count_rows
-from semantic.tasks import embed_batch
+from semantic.status import FAILED, FRESH, NO_TEXT, count_statuses, stale_mark, status_q
+from semantic.wakeups import enqueue_embedding
+from semantic.worker import embed_batch
 
 logger = logging.getLogger("semantic")
 
@@ -72,8 +72,11 @@ def rows_to_mark(field, mode):
 
     ``missing``: rows without a vector that the worker cannot see because
     they were never hashed (they existed before the field, or were written
-    with raw SQL). ``all``: every row that has or may have text.
+    with raw SQL). ``failed``: rows set aside as failed. ``all``: every row
+    that has or may have text.
     """
+    if mode == "failed":
+        return status_q(field, FAILED)
     text = may_have_text(field)
     if mode == "missing":
         never_hashed = models.Q(**{f"{field.attname}__isnull": True, f"{field.source_hash_attname}__isnull": True})
@@ -268,6 +271,14 @@ class Command(SemanticCommand):
             "stale, then embed as --stale does.",
         )
         mode.add_argument(
+            "--failed",
+            dest="mode",
+            action="store_const",
+            const="failed",
+            help="Retry the rows set aside as failed (their text could not be encoded MAX_ATTEMPTS times; "
+            "semantic_status shows why): mark them stale, then embed as --stale does.",
+        )
+        mode.add_argument(
             "--all",
             dest="mode",
             action="store_const",
@@ -304,6 +315,9 @@ class Command(SemanticCommand):
         parser.add_argument("--no-progress", action="store_true", help="No progress bar (it is drawn on stderr).")
 
     def run(self, *, labels, database, mode, force, restart, batch_size, run_async, **options):
+        # tqdm draws on the raw streams: Django's OutputWrapper ends every write with a newline.
+        self.out = options.get("stdout") or sys.stdout
+        self.err = options.get("stderr") or sys.stderr
         if force:
             if mode not in (None, "all"):
                 raise CommandError("--force re-encodes every row: it goes with --all, not --%s." % mode)
@@ -349,11 +363,9 @@ class Command(SemanticCommand):
             self.say(f"{report.label}: continuing an interrupted --{self.mode} run after pk {after} (--restart starts over).")
         manager = field.model._base_manager.using(self.using)
         condition = rows_to_mark(field, self.mode)
-        values = {field.source_hash_attname: STALE_MARKER}
-        if self.force:
-            # A vector hash no text has: the worker cannot confirm the old
-            # vector and encodes the text again. The vector stays searchable.
-            values[field.vector_hash_attname] = None
+        # With --force the vector hashes match no text either: the worker
+        # cannot confirm the old vectors and encodes every text again.
+        values = stale_mark(field, forget_vectors=self.force)
         total = in_page(manager.all(), after, None).count()
         with self.progress_bar(total, f"{report.label} marking") as bar:
             for page_after, page_last in pk_pages(manager.all(), MARK_PAGE, after):
@@ -376,16 +388,17 @@ class Command(SemanticCommand):
         if progress is not None:
             self.mark(field, progress, report)
         report.phase = "counting"
-        counts = count_rows(field, self.using)
+        counts = count_statuses(field, using=self.using)
         report.phase = "embedding"
         report.rows = counts["rows"]
-        report.to_embed = counts["stale"]
-        report.skipped = counts["embedded_fresh"]
-        report.no_text = counts["no_text"]
+        report.to_embed = counts["pending"]
+        report.skipped = counts[FRESH]
+        report.no_text = counts[NO_TEXT]
         marked = f", {report.marked:,} marked stale by this run" if report.marked else ""
+        failed = f"; {counts[FAILED]:,} failed, set aside (--failed retries them)" if counts[FAILED] else ""
         self.say(
             f"{report.label}: {report.to_embed:,} of {report.rows:,} rows to embed{marked} "
-            f"({report.skipped:,} fresh already, skipped; {report.no_text:,} without text)."
+            f"({report.skipped:,} fresh already, skipped{failed}; {report.no_text:,} without text)."
         )
         return report
 
@@ -408,12 +421,12 @@ class Command(SemanticCommand):
         with self.progress_bar(report.to_embed, report.label) as bar:
             while True:
                 self.stop.check()
-                claimed, written, failed = embed_batch(field, self.using, self.batch_size, skip=report.failed)
+                result = embed_batch(field, self.using, self.batch_size, skip=report.failed)
                 reset_queries()  # with DEBUG on, Django would keep every statement (and its vectors)
-                if not claimed:
+                if not result.claimed:
                     return
-                report.written += written
-                report.failed.extend(failed)
+                report.written += result.written
+                report.failed.extend(result.failed)
                 if report.done > bar.total:
                     bar.total = report.done  # rows saved meanwhile
                 bar.update(report.done - bar.n)
@@ -438,7 +451,7 @@ class Command(SemanticCommand):
 
     def say(self, message):
         if not self.quiet:
-            tqdm.write(message, file=self.stdout._out)
+            tqdm.write(message, file=self.out)
 
     def progress_bar(self, total, label):
         return tqdm(
@@ -447,12 +460,12 @@ class Command(SemanticCommand):
             unit=" rows",
             dynamic_ncols=True,
             mininterval=0.5,
-            file=self.stderr._out,
+            file=self.err,
             disable=not self.show_progress,
         )
 
     def announce_stop(self):
-        tqdm.write("Stopping after the current batch (Ctrl-C again to stop at once)...", file=self.stderr._out)
+        tqdm.write("Stopping after the current batch (Ctrl-C again to stop at once)...", file=self.err)
 
     def field_summary(self, report):
         rate = report.done / report.seconds if report.seconds else 0
@@ -476,7 +489,8 @@ class Command(SemanticCommand):
         )
         if failed:
             raise CommandError(
-                f"{failed:,} row(s) could not be encoded (out of memory even alone; see the log) and stay stale.",
+                f"{failed:,} row(s) could not be encoded (see the log, or semantic_status for the errors); a row "
+                f"is set aside as failed after {semantic_settings.MAX_ATTEMPTS} attempts.",
                 returncode=1,
             )
 

@@ -7,7 +7,7 @@ from django.core.exceptions import FieldError, ValidationError
 from django.core.management.base import CommandError
 from django.core.serializers.json import DjangoJSONEncoder
 
-from semantic.fields import embedding_fields
+from semantic.fields import get_embedding_field
 from semantic.management.commands._shared import LABEL_HELP, SemanticCommand, field_label, first_line, resolve_label
 from semantic.querysets import SemanticQuerySet
 
@@ -100,12 +100,7 @@ class Command(SemanticCommand):
         if not isinstance(queryset, SemanticQuerySet):
             queryset = SemanticQuerySet(model, using=database)
         queryset = apply_filters(queryset, options["filter"])
-        if field is None:
-            fields = embedding_fields(model)
-            if len(fields) > 1:
-                names = ", ".join(field_label(each) for each in fields)
-                raise CommandError(f"{model._meta.label} has several embedding fields; name one: {names}.")
-            field = fields[0]
+        field = field or get_embedding_field(model)
         search = {"field": field.name, "k": k, "exact": True if exact else None}
         try:
             if hybrid:

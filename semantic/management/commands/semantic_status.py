@@ -2,13 +2,17 @@
 
 import json
 
+from celery import current_app
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections
 from kombu.exceptions import ChannelError
 
 from semantic.conf import semantic_settings
 from semantic.management.commands._shared import LABEL_HELP, SemanticCommand, field_label, first_line, resolve_fields
-from semantic.status import field_status
+from semantic.status import FAILED, FRESH, MISSING, OUTDATED, STALE, failures, field_status
+
+# Failed rows listed with their errors, per field.
+FAILURES_SHOWN = 5
 
 # Seconds the broker may take to connect and answer; past that the queue
 # length is reported as unknown.
@@ -60,10 +64,8 @@ def queue_length(queue):
     Counts what no worker has taken yet (on Redis, the list's length over
     its priority levels); tasks a worker holds unacknowledged are not counted.
     """
-    from semantic.tasks import embed_stale
-
     transport_options = {"socket_connect_timeout": BROKER_TIMEOUT, "socket_timeout": BROKER_TIMEOUT}
-    connection = embed_stale.app.connection_for_read(connect_timeout=BROKER_TIMEOUT, transport_options=transport_options)
+    connection = current_app.connection_for_read(connect_timeout=BROKER_TIMEOUT, transport_options=transport_options)
     with connection:
         connection.ensure_connection(max_retries=0)
         try:
@@ -87,8 +89,11 @@ def hit_rate(stats):
 
 
 def full_status(field, using):
-    """``field_status`` plus chunks, indexes and the cache hit rate."""
+    """``field_status`` plus chunks, indexes, the cache hit rate and the first failed rows."""
     status = field_status(field, using)
+    status["failures"] = [
+        {"pk": pk, "attempts": attempts, "error": error} for pk, attempts, error in failures(field, using, FAILURES_SHOWN)
+    ]
     status["chunks"] = chunk_count(field, using)
     status["chunk_table"] = field.chunk_model._meta.db_table if field.chunk_model else None
     status["metric"] = field.metric
@@ -112,10 +117,10 @@ def describe_indexes(indexes, field):
 
 class Command(SemanticCommand):
     help = (
-        "Show where each embedding field stands: rows with a current vector (fresh), rows a worker "
-        "still has to embed (stale, of which missing: no vector at all), chunks, the encoder's "
-        "fingerprint, the vector indexes, the embedding cache's hit rate, and how many tasks wait "
-        "in the Celery queue. Reads counts only; loads no model."
+        "Show where each embedding field stands: rows by embedding status (fresh; pending for a worker: "
+        "stale, missing a vector, made by another model; failed, with the first errors; no text), chunks, "
+        "the encoder's fingerprint, the vector indexes, the embedding cache's hit rate, and how many "
+        "tasks wait in the Celery queue. Reads counts only; loads no model."
     )
 
     def add_arguments(self, parser):
@@ -142,9 +147,20 @@ class Command(SemanticCommand):
         write(self.style.MIGRATE_HEADING(field_label(field)))
         write(f"  model        {status['model_alias']!r}, fingerprint {status['fingerprint']}")
         write(f"  rows         {status['rows']:,} ({status['with_text']:,} with text, {status['no_text']:,} without)")
-        line = f"  fresh        {status['embedded_fresh']:,}"
-        stale = f"stale {status['stale']:,} (missing a vector {status['missing']:,}, made by another model or settings {status['other_fingerprint']:,})"
-        write(f"{line}    {self.style.WARNING(stale) if status['stale'] else stale}")
+        pending = (
+            f"pending {status['pending']:,} (stale {status[STALE]:,}, missing a vector {status[MISSING]:,}, "
+            f"made by another model or settings {status[OUTDATED]:,})"
+        )
+        write(f"  fresh        {status[FRESH]:,}    {self.style.WARNING(pending) if status['pending'] else pending}")
+        if status[FAILED]:
+            write(
+                self.style.ERROR(f"  failed       {status[FAILED]:,}")
+                + f" (set aside after {semantic_settings.MAX_ATTEMPTS} attempts; semantic_reindex --failed retries them)"
+            )
+            for failure in status["failures"]:
+                write(f"               pk {failure['pk']}: {failure['error']}")
+        else:
+            write("  failed       0")
         if status["chunks"] is not None:
             write(f"  chunks       {status['chunks']:,} in {status['chunk_table']}")
         write(f"  index        {describe_indexes(status['index'], field)}")

@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from project.demo.models import Article
-from semantic.tasks import StaleRows
+from semantic.status import count_statuses
 
 
 class Command(BaseCommand):
@@ -60,11 +60,11 @@ class Command(BaseCommand):
         return subprocess.Popen(command, cwd=settings.BASE_DIR, env=env)
 
     def _wait_for_embeddings(self, worker):
-        stale = StaleRows(Article._meta.get_field("embedding"), "default")
-        total = Article.objects.exclude(embedding_source_hash=None).count()
+        field = Article._meta.get_field("embedding")
+        total = count_statuses(field)["with_text"]
         with tqdm(total=total, desc="Embedding articles", unit="article") as bar:
             while True:
-                done = total - stale.count()
+                done = total - count_statuses(field)["pending"]
                 bar.update(done - bar.n)
                 if done >= total:
                     return
