@@ -30,6 +30,14 @@ from semantic.status import searchable_q, stale_mark
 from semantic.wakeups import schedule_embedding
 
 
+def stale_marks(fields):
+    """The column values that mark rows stale for each of ``fields`` (status.stale_mark), in one dict."""
+    values = {}
+    for field in fields:
+        values.update(stale_mark(field))
+    return values
+
+
 class SemanticQuerySet(models.QuerySet):
     """QuerySet with semantic search, and bulk writes that keep vectors fresh.
 
@@ -79,10 +87,8 @@ class SemanticQuerySet(models.QuerySet):
 
     def update(self, **kwargs):
         touched = [f for f in embedding_fields(self.model) if f.touched_by(kwargs)]
-        for field in touched:
-            # The new text is only known row by row: the worker reads it.
-            for column, value in stale_mark(field).items():
-                kwargs.setdefault(column, value)
+        # The new text is only known row by row: the worker reads it.
+        kwargs = {**stale_marks(touched), **kwargs}
         rows = super().update(**kwargs)
         if rows:
             self._wake(touched)
@@ -98,10 +104,7 @@ class SemanticQuerySet(models.QuerySet):
         the rows for the next wake-up or the periodic sweep.
         """
         fields = embedding_fields(self.model) if field is None else [get_embedding_field(self.model, field)]
-        values = {}
-        for each in fields:
-            values.update(stale_mark(each))
-        rows = super().update(**values)
+        rows = super().update(**stale_marks(fields))
         if rows and wake:
             self._wake(fields)
         return rows
@@ -110,10 +113,7 @@ class SemanticQuerySet(models.QuerySet):
 
     def _mark(self, fields, pks):
         if fields and pks:
-            values = {}
-            for field in fields:
-                values.update(stale_mark(field))
-            self.model._base_manager.using(self.db).filter(pk__in=pks).update(**values)
+            self.model._base_manager.using(self.db).filter(pk__in=pks).update(**stale_marks(fields))
 
     def _wake(self, fields):
         for field in fields:

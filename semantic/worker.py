@@ -36,6 +36,7 @@ import time
 import zlib
 from dataclasses import dataclass, field as dataclass_field
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, transaction
 
 from semantic import cache as embedding_cache
@@ -159,6 +160,8 @@ def read_and_plan(field, using, pks):
                 chunker = Chunker(field.encoder, field.overlap)
             try:
                 row.pieces = chunker.split(text)
+            except ImproperlyConfigured:
+                raise  # the model's, not the text's: every row would fail
             except Exception as exc:
                 row.error = f"splitting the text failed: {type(exc).__name__}: {exc}"
             else:
