@@ -85,18 +85,27 @@ class HiddenColumn:
         return None
 
 
-class EmbeddingHashField(HiddenColumn, models.CharField):
-    """``<field>_source_hash``: the hash of the row's current source text, written by every save.
+class WorkerOwned(HiddenColumn):
+    """A hidden column only the worker writes (see worker_owned_value)."""
 
-    Computed here, from the instance, whenever the column is written, so
-    ``save()`` writes the text and its hash in one statement.
-    """
+    def pre_save(self, model_instance, add):
+        return worker_owned_value(self, model_instance, add)
 
+
+class HashColumn(HiddenColumn, models.CharField):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("max_length", HASH_LENGTH)
         kwargs.setdefault("null", True)
         kwargs.setdefault("blank", True)
         super().__init__(*args, **kwargs)
+
+
+class EmbeddingHashField(HashColumn):
+    """``<field>_source_hash``: the hash of the row's current source text, written by every save.
+
+    Computed here, from the instance, whenever the column is written, so
+    ``save()`` writes the text and its hash in one statement.
+    """
 
     def pre_save(self, model_instance, add):
         field = self.embedding_field(type(model_instance))
@@ -105,17 +114,8 @@ class EmbeddingHashField(HiddenColumn, models.CharField):
         return super().pre_save(model_instance, add)
 
 
-class WorkerHashField(HiddenColumn, models.CharField):
-    """A hash column only the worker writes (see worker_owned_value)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("max_length", HASH_LENGTH)
-        kwargs.setdefault("null", True)
-        kwargs.setdefault("blank", True)
-        super().__init__(*args, **kwargs)
-
-    def pre_save(self, model_instance, add):
-        return worker_owned_value(self, model_instance, add)
+class WorkerHashField(WorkerOwned, HashColumn):
+    """``<field>_failed_hash``: the source hash whose text the worker failed to encode."""
 
 
 class VectorHashField(WorkerHashField):
@@ -132,7 +132,7 @@ class VectorHashField(WorkerHashField):
         return name, path, args, kwargs
 
 
-class AttemptsField(HiddenColumn, models.PositiveSmallIntegerField):
+class AttemptsField(WorkerOwned, models.PositiveSmallIntegerField):
     """``<field>_attempts``: how many times the worker failed to encode the text of ``<field>_failed_hash``."""
 
     def __init__(self, *args, **kwargs):
@@ -141,20 +141,14 @@ class AttemptsField(HiddenColumn, models.PositiveSmallIntegerField):
         kwargs.setdefault("db_default", 0)
         super().__init__(*args, **kwargs)
 
-    def pre_save(self, model_instance, add):
-        return worker_owned_value(self, model_instance, add)
 
-
-class ErrorField(HiddenColumn, models.TextField):
+class ErrorField(WorkerOwned, models.TextField):
     """``<field>_error``: why the worker could not encode the text of ``<field>_failed_hash``."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("null", True)
         kwargs.setdefault("blank", True)
         super().__init__(*args, **kwargs)
-
-    def pre_save(self, model_instance, add):
-        return worker_owned_value(self, model_instance, add)
 
 
 class EmbeddingField(VectorField):
