@@ -61,6 +61,24 @@ def celery_worker(django_db_setup, django_db_blocker):
             yield worker
 
 
+@pytest.fixture(autouse=True)
+def let_the_test_worker_finish(request):
+    """After a test that used the in-thread worker, wait for the task it is running.
+
+    Set up after pytest-django's database fixture, so this runs before the
+    database is flushed: a TRUNCATE of every table while a task holds locks
+    on one of them and asks for another deadlocks (seen once, at the
+    teardown of an admin test).
+    """
+    yield
+    if "celery_worker" in request.fixturenames:
+        from celery.worker import state
+
+        deadline = time.monotonic() + 30
+        while (state.active_requests or state.reserved_requests) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def wait_until(predicate, timeout=60, interval=0.05, message="condition"):
     """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
