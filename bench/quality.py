@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import write_section  # noqa: E402
 # The test settings on a slot of their own: test database test_semantic_14, Redis database 14.
 os.environ.update(DJANGO_SETTINGS_MODULE="tests.settings", SEMANTIC_TEST_SLOT="14")
 for name, value in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -41,8 +43,6 @@ MODELS_DIR = ROOT / ".data" / "quality"
 TIMINGS = MODELS_DIR / "timings.json"  # what the models' own records leave out
 TUNED_ALIAS = "bbc-tuned"
 DOC = ROOT / "docs" / "quality.md"
-MARK_START = "<!-- quality:start -->"
-MARK_END = "<!-- quality:end -->"
 
 
 def main():
@@ -82,7 +82,7 @@ def main():
     text = render(args, results)
     print(text)
     if not args.no_write:
-        write_doc(text)
+        write_section("quality", text, DOC)
         log(f"written to {DOC}")
 
 
@@ -272,17 +272,6 @@ def _args_text(args):
             flag = "--" + name.replace("_", "-")
             parts.append(flag if value is True else f"{flag} {value}")
     return (" " + " ".join(parts)) if parts else ""
-
-
-def write_doc(text):
-    current = DOC.read_text() if DOC.exists() else ""
-    block = f"{MARK_START}\n{text}\n{MARK_END}"
-    if MARK_START in current and MARK_END in current:
-        head, rest = current.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        DOC.write_text(head + block + tail)
-    else:
-        DOC.write_text(current.rstrip() + "\n\n" + block + "\n")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import write_section  # noqa: E402
 os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
 # Its own test database (test_semantic_5) and Redis database: other test runs
 # on the same PostgreSQL and Redis are not disturbed.
@@ -48,8 +50,6 @@ DIMENSIONS = 384
 BUCKETS = 1000
 K = 10
 SELECTIVITIES = [(500, "50%"), (100, "10%"), (10, "1%"), (1, "0.1%")]
-MARK_START = "<!-- read_path:start -->"
-MARK_END = "<!-- read_path:end -->"
 
 WORDS = (
     "market bank shares profit growth economy oil prices government election minister party vote "
@@ -298,7 +298,7 @@ def main():
     text = render(args, results)
     print(text)
     if not args.no_write:
-        write_benchmarks(text)
+        write_section("read_path", text)
         print(f"\nwritten to {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)
 
 
@@ -645,21 +645,6 @@ def render(args, results):
     for name, s in results["text"].items():
         lines.append(f"| {name} | {fmt(s['p50'], 2)} | {fmt(s['p95'], 2)} |")
     return "\n".join(lines) + "\n"
-
-
-def write_benchmarks(text):
-    path = ROOT / "BENCHMARKS.md"
-    section = f"{MARK_START}\n{text}{MARK_END}\n"
-    if path.exists():
-        current = path.read_text()
-        if MARK_START in current and MARK_END in current:
-            before, rest = current.split(MARK_START, 1)
-            after = rest.split(MARK_END, 1)[1].lstrip("\n")
-            path.write_text(before + section + ("\n" + after if after else ""))
-            return
-        path.write_text(current.rstrip("\n") + "\n\n" + section)
-        return
-    path.write_text("# Benchmarks\n\nScripts under `bench/`; each writes its own section between markers.\n\n" + section)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import write_section  # noqa: E402
 os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
 os.environ.setdefault("SEMANTIC_TEST_SLOT", "6")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MARK_START = "<!-- reindex_memory:start -->"
-MARK_END = "<!-- reindex_memory:end -->"
 DATABASE = "bench_reindex_memory"
 
 # Runs manage.py in this process and prints its peak RSS when it exits
@@ -93,7 +93,7 @@ def main():
     text = render(args, results, time.perf_counter() - began)
     print(text)
     if not args.no_write:
-        write_benchmarks(text)
+        write_section("reindex_memory", text)
         print(f"\nwritten to {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)
 
 
@@ -173,18 +173,6 @@ def render(args, results, total):
         "",
     ]
     return "\n".join(lines)
-
-
-def write_benchmarks(text):
-    path = ROOT / "BENCHMARKS.md"
-    section = f"{MARK_START}\n{text}{MARK_END}\n"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in current and MARK_END in current:
-        before, rest = current.split(MARK_START, 1)
-        after = rest.split(MARK_END, 1)[1].lstrip("\n")
-        path.write_text(before + section + ("\n" + after if after else ""))
-    else:
-        path.write_text(current.rstrip("\n") + "\n\n" + section)
 
 
 if __name__ == "__main__":
