@@ -86,7 +86,7 @@ def check_embedding_status(app_configs=None, databases=None, **kwargs):
                 warnings.append(
                     checks.Warning(
                         f"{counts[FAILED]} row(s) of {label} failed to embed {semantic_settings.MAX_ATTEMPTS} "
-                        f"time(s) and are set aside: searches do not find them by their current text.",
+                        f"time(s) and are set aside: searches leave them out.",
                         hint=(
                             "`manage.py semantic_status` shows the errors. Fix the texts (a save retries a "
                             "row whose text changed), or retry them with `manage.py semantic_reindex --failed`."

@@ -26,16 +26,8 @@ from semantic.conf import semantic_settings
 from semantic.distances import get_metric, query_value
 from semantic.fields import embedding_fields, get_embedding_field, is_column
 from semantic.hashing import clean_text
-from semantic.status import searchable_q, stale_mark
+from semantic.status import searchable_q, stale_marks
 from semantic.wakeups import schedule_embedding
-
-
-def stale_marks(fields):
-    """The column values that mark rows stale for each of ``fields`` (status.stale_mark), in one dict."""
-    values = {}
-    for field in fields:
-        values.update(stale_mark(field))
-    return values
 
 
 class SemanticQuerySet(models.QuerySet):

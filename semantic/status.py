@@ -219,6 +219,14 @@ def stale_mark(field, *, forget_vectors=False):
     return values
 
 
+def stale_marks(fields):
+    """``stale_mark`` of each of ``fields`` (of one model), in one dict for one ``update()``."""
+    values = {}
+    for field in fields:
+        values.update(stale_mark(field))
+    return values
+
+
 def embedding_fields_on(using="default", app_configs=None):
     """The EmbeddingFields whose tables live in database ``using``.
 

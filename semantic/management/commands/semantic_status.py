@@ -91,9 +91,8 @@ def hit_rate(stats):
 def full_status(field, using):
     """``field_status`` plus chunks, indexes, the cache hit rate and the first failed rows."""
     status = field_status(field, using)
-    status["failures"] = [
-        {"pk": pk, "attempts": attempts, "error": error} for pk, attempts, error in failures(field, using, FAILURES_SHOWN)
-    ]
+    shown = failures(field, using, FAILURES_SHOWN) if status[FAILED] else []
+    status["failures"] = [{"pk": pk, "attempts": attempts, "error": error} for pk, attempts, error in shown]
     status["chunks"] = chunk_count(field, using)
     status["chunk_table"] = field.chunk_model._meta.db_table if field.chunk_model else None
     status["metric"] = field.metric
