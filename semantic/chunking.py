@@ -33,6 +33,9 @@ from semantic.hashing import HASH_LENGTH, fingerprint
 
 # Bumped when the splitting changes, so rows chunked the old way become stale.
 CHUNKING_VERSION = 1
+# Characters tokenized per call by Chunker.split_many: one call for many short
+# texts, while the offsets of a few long ones stay a bounded amount of memory.
+SPLIT_GROUP_CHARACTERS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,25 @@ class Chunk:
     tokens: int
 
 
+def _check_sizes(size, overlap):
+    if not isinstance(overlap, int) or not isinstance(size, int) or not 0 <= overlap < size:
+        raise ImproperlyConfigured(
+            f"Chunk overlap must be an integer from 0 to one less than the chunk size ({size} tokens), not {overlap!r}."
+        )
+
+
+def _tokenize(tokenizer, texts):
+    """The tokenizer's encodings of ``texts`` (a list), with character offsets and no special tokens."""
+    try:
+        batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    except NotImplementedError as exc:
+        raise ImproperlyConfigured(
+            "Chunking needs a fast tokenizer (character offsets); this model's tokenizer has none. "
+            "Use EmbeddingField(chunks=False) to truncate long texts instead."
+        ) from exc
+    return batch.encodings
+
+
 def split_text(text, tokenizer, size, overlap):
     """Split ``text`` into chunks of at most ``size`` tokens sharing ``overlap`` tokens.
 
@@ -55,24 +77,18 @@ def split_text(text, tokenizer, size, overlap):
     more than half full, and start at the beginning of a word; only a word
     longer than half a window is cut between tokens.
     """
-    if not isinstance(overlap, int) or not isinstance(size, int) or not 0 <= overlap < size:
-        raise ImproperlyConfigured(
-            f"Chunk overlap must be an integer from 0 to one less than the chunk size ({size} tokens), not {overlap!r}."
-        )
+    _check_sizes(size, overlap)
     if not text:
         return []
-    try:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    except NotImplementedError as exc:
-        raise ImproperlyConfigured(
-            "Chunking needs a fast tokenizer (character offsets); this model's tokenizer has none. "
-            "Use EmbeddingField(chunks=False) to truncate long texts instead."
-        ) from exc
-    offsets = encoding["offset_mapping"]
+    (encoding,) = _tokenize(tokenizer, [text])
+    return windows(text, encoding.offsets, encoding.word_ids, size, overlap)
+
+
+def windows(text, offsets, word_ids, size, overlap):
+    """The chunks of ``text`` given its tokens' character ``offsets`` and ``word_ids`` (see split_text)."""
     count = len(offsets)
     if count <= size:
         return [Chunk(0, 0, len(text), text, count)]
-    word_ids = encoding.word_ids()
 
     def word_start(i):
         """The first token of the word token ``i`` belongs to."""
@@ -134,6 +150,49 @@ class Chunker:
 
     def split(self, text):
         return split_text(text, self.tokenizer, self.size, self.overlap)
+
+    def split_many(self, texts):
+        """``[chunks or exception]`` for each of ``texts`` (non-empty), tokenized in few calls.
+
+        One tokenizer call per group of texts (up to SPLIT_GROUP_CHARACTERS)
+        instead of one per text. When a group's call fails, its texts are
+        split one by one, so that the error is the one text's: it comes back
+        in that text's place, and only ImproperlyConfigured (the model's,
+        not a text's) is raised.
+        """
+        results = []
+        for group in _groups(texts, SPLIT_GROUP_CHARACTERS):
+            try:
+                encodings = _tokenize(self.tokenizer, group)
+            except ImproperlyConfigured:
+                raise
+            except Exception:
+                encodings = None
+            for position, text in enumerate(group):
+                try:
+                    if encodings is None:
+                        results.append(self.split(text))
+                    else:
+                        encoding = encodings[position]
+                        results.append(windows(text, encoding.offsets, encoding.word_ids, self.size, self.overlap))
+                except ImproperlyConfigured:
+                    raise
+                except Exception as exc:
+                    results.append(exc)
+        return results
+
+
+def _groups(texts, characters):
+    """``texts`` in consecutive lists of at most ``characters`` characters (at least one text each)."""
+    group, total = [], 0
+    for text in texts:
+        if group and total + len(text) > characters:
+            yield group
+            group, total = [], 0
+        group.append(text)
+        total += len(text)
+    if group:
+        yield group
 
 
 def chunked_fingerprint(encoder_fingerprint, overlap):

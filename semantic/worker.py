@@ -26,9 +26,12 @@ The embedding pipeline for one field, top-down: claim, read, plan, encode, write
    checked between slices, and rows whose pieces were not reached are left
    pending (their encoded pieces are in the cache for the next round).
 5. **write** each outcome with one guarded ``UPDATE … FROM (VALUES …)``;
-   the rows given a vector get their chunks replaced in the same
-   transaction. A row whose text fails is recorded (``<field>_failed_hash``,
-   ``_attempts``, ``_error``) and set aside after MAX_ATTEMPTS (semantic.status).
+   vectors travel in binary (a COPY into a temporary table the UPDATE
+   joins). The rows given a vector get their chunks brought in line in the
+   same transaction, writing only what differs: a stored chunk with the
+   same index and text hash is kept. A row whose text fails is recorded
+   (``<field>_failed_hash``, ``_attempts``, ``_error``) and set aside after
+   MAX_ATTEMPTS (semantic.status).
 """
 
 import logging
@@ -36,7 +39,6 @@ import time
 import zlib
 from dataclasses import dataclass, field as dataclass_field
 
-from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, transaction
 
 from semantic import cache as embedding_cache
@@ -50,6 +52,8 @@ logger = logging.getLogger("semantic")
 
 # Chunk rows per INSERT statement.
 CHUNK_INSERT_BATCH = 500
+# The session's temporary table that carries a write's vectors (see RowWriter._stage).
+STAGE_TABLE = "semantic_worker_vectors"
 # Forward passes per encode() call: the time budget is checked between calls.
 PASSES_PER_SLICE = 8
 # Longest error message kept per failed row.
@@ -129,13 +133,15 @@ def claim(field, using, limit, skip=()):
 def read_and_plan(field, using, pks):
     """The claimed rows' plans: ``(clear, confirm, encode, fail)`` lists of PlannedRow.
 
-    Rows deleted since the claim are absent from all four.
+    Rows deleted since the claim are absent from all four. Only the texts
+    of rows to encode are split (a row whose vector hash already is its
+    text's hash is confirmed without tokenizing), in few tokenizer calls.
     """
     source, vector_hash = field.source_hash_attname, field.vector_hash_attname
     manager = field.model._base_manager.db_manager(using)
     rows = field.load_for_text(manager.all(), source, vector_hash).in_bulk(pks)
     clear, confirm, encode, fail = [], [], [], []
-    chunker = None
+    texts = []  # of the rows in ``encode``, in order
     for pk, obj in rows.items():
         row = PlannedRow(pk, getattr(obj, source))
         try:
@@ -151,33 +157,34 @@ def read_and_plan(field, using, pks):
         if getattr(obj, vector_hash) == row.text_hash:
             confirm.append(row)
             continue
-        if field.chunk_model is None:
-            row.pieces = [Chunk(0, 0, len(text), text, 1)]
-        else:
-            if chunker is None:
-                # Splitting needs the model's tokenizer: the model loads here.
-                field.verify_encoder()
-                chunker = Chunker(field.encoder, field.overlap)
-            try:
-                row.pieces = chunker.split(text)
-            except ImproperlyConfigured:
-                raise  # the model's, not the text's: every row would fail
-            except Exception as exc:
-                row.error = f"splitting the text failed: {type(exc).__name__}: {exc}"
-            else:
-                if len(row.pieces) > field.max_chunks:
-                    row.error = (
-                        f"the text splits into {len(row.pieces):,} chunks, more than max_chunks "
-                        f"({field.max_chunks:,}); raise EmbeddingField(max_chunks=) or SEMANTIC['MAX_CHUNKS'], "
-                        f"or shorten the text"
-                    )
-            if row.error:
-                row.pieces = []
-                fail.append(row)
-                continue
-        row.keys = [field.encoder.text_hash(piece.text) for piece in row.pieces]
         encode.append(row)
-    return clear, confirm, encode, fail
+        texts.append(text)
+    if field.chunk_model is None:
+        pieces = [[Chunk(0, 0, len(text), text, 1)] for text in texts]
+    elif texts:
+        # Splitting needs the model's tokenizer: the model loads here.
+        field.verify_encoder()
+        # ImproperlyConfigured (the model's, not a text's: every row would fail) propagates.
+        pieces = Chunker(field.encoder, field.overlap).split_many(texts)
+    else:
+        pieces = []
+    planned = []
+    for row, split in zip(encode, pieces):
+        if isinstance(split, Exception):
+            row.error = f"splitting the text failed: {type(split).__name__}: {split}"
+        elif len(split) > field.max_chunks:
+            row.error = (
+                f"the text splits into {len(split):,} chunks, more than max_chunks "
+                f"({field.max_chunks:,}); raise EmbeddingField(max_chunks=) or SEMANTIC['MAX_CHUNKS'], "
+                f"or shorten the text"
+            )
+        if row.error:
+            fail.append(row)
+            continue
+        row.pieces = split
+        row.keys = [field.encoder.text_hash(piece.text) for piece in split]
+        planned.append(row)
+    return clear, confirm, planned, fail
 
 
 # --- 4. encode -------------------------------------------------------------------
@@ -220,7 +227,8 @@ class RowWriter:
 
     Each method takes rows that start with ``(pk, guard)`` and writes only
     those whose source hash still equals the guard; it returns the pks
-    written.
+    written. Vectors travel to PostgreSQL in binary (see ``_stage``): no
+    float is formatted as text, and none parsed back.
     """
 
     def __init__(self, field, using):
@@ -232,6 +240,7 @@ class RowWriter:
         self.table = qn(meta.db_table)
         self.pk = qn(meta.pk.column)
         self.pk_type = meta.pk.db_type(self.connection)
+        self.vector_type = field.db_type(self.connection)
         self.columns = {
             name: qn(meta.get_field(attname).column)
             for name, attname in (
@@ -244,7 +253,7 @@ class RowWriter:
             )
         }
 
-    def _update(self, assignments, values, rows, condition="", returning=""):
+    def _update(self, assignments, values, rows, condition="", returning="", join=""):
         """``UPDATE … SET assignments FROM (VALUES rows) AS v(pk, guard, *values)`` where the guard holds."""
         if not rows:
             return []
@@ -255,7 +264,7 @@ class RowWriter:
         sets = ", ".join(f"{c[column]} = {expression}" for column, expression in assignments.items())
         sql = (
             f"UPDATE {self.table} AS t SET {sets}"
-            f" FROM (VALUES {', '.join([placeholder] * len(rows))}) AS v({names})"
+            f" FROM (VALUES {', '.join([placeholder] * len(rows))}) AS v({names}){join}"
             f" WHERE t.{self.pk} = v.pk AND t.{c['source']} IS NOT DISTINCT FROM v.guard{condition}"
             f" RETURNING t.{self.pk}{returning}"
         )
@@ -263,13 +272,45 @@ class RowWriter:
             cursor.execute(sql, [value for row in rows for value in row])
             return cursor.fetchall()
 
+    def _stage(self, vectors):
+        """Load ``vectors`` into this session's temporary table, numbered from 0; returns the join to use.
+
+        The table (``n``, ``vec``) is emptied first and at every commit. A
+        binary COPY carries the vectors (psycopg 3); without one, a
+        multi-row INSERT of text literals does the same, slower.
+        """
+        with self.connection.cursor() as cursor:
+            cursor.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE_TABLE} (n integer, vec vector) ON COMMIT DELETE ROWS")
+            cursor.execute(f"DELETE FROM {STAGE_TABLE}")
+            if hasattr(cursor.cursor, "copy"):
+                with self.connection.wrap_database_errors:
+                    with cursor.cursor.copy(f"COPY {STAGE_TABLE} (n, vec) FROM STDIN (FORMAT BINARY)") as copy:
+                        copy.write(binary_copy_of_vectors(vectors))
+            else:
+                for start in range(0, len(vectors), CHUNK_INSERT_BATCH):
+                    batch = vectors[start : start + CHUNK_INSERT_BATCH]
+                    cursor.execute(
+                        f"INSERT INTO {STAGE_TABLE} (n, vec) VALUES {', '.join(['(%s, CAST(%s AS vector))'] * len(batch))}",
+                        [value for n, vector in enumerate(batch, start) for value in (n, vector_literal(vector))],
+                    )
+        return f" JOIN {STAGE_TABLE} AS s ON s.n = v.n"
+
     # A row that leaves the pending state forgets any failure.
     _NO_FAILURE = {"failed_hash": "NULL", "attempts": "0", "error": "NULL"}
 
     def write_vectors(self, rows):
-        """(pk, guard, text_hash, vector_literal): the vector of that text, and its hash as both hashes."""
-        assignments = {"vector": "v.vec", "vector_hash": "v.new_hash", "source": "v.new_hash", **self._NO_FAILURE}
-        return [pk for pk, in self._update(assignments, {"new_hash": "text", "vec": "vector"}, rows)]
+        """(pk, guard, text_hash, vector): the vector of that text, and its hash as both hashes."""
+        if not rows:
+            return []
+        join = self._stage([vector for *_, vector in rows])
+        numbered = [(pk, guard, text_hash, n) for n, (pk, guard, text_hash, _) in enumerate(rows)]
+        assignments = {
+            "vector": f"CAST(s.vec AS {self.vector_type})",
+            "vector_hash": "v.new_hash",
+            "source": "v.new_hash",
+            **self._NO_FAILURE,
+        }
+        return [pk for pk, in self._update(assignments, {"new_hash": "text", "n": "integer"}, numbered, join=join)]
 
     def confirm(self, rows):
         """(pk, guard, text_hash) of rows whose vector hash already is their text's hash."""
@@ -298,35 +339,95 @@ class RowWriter:
         # RETURNING sees the new row: the attempts just written.
         return self._update(assignments, {"failed": "text", "error": "text"}, rows, returning=f", t.{c['attempts']}")
 
-    def replace_chunks(self, pks, chunks):
+    def sync_chunks(self, pks, chunks):
         """Give the rows ``pks`` exactly the chunks in ``chunks`` ({pk: [(Chunk, key, vector)]}).
 
-        Old chunks of those rows are deleted (all of them for a row missing
-        from ``chunks``: its text became empty), the new ones inserted.
+        Only what differs is written: a stored chunk with the same index and
+        text hash (the same text under the same encoder, so the same vector)
+        is kept, its offsets corrected if the text around it moved; the
+        other stored chunks of those rows are deleted (all of them for a row
+        missing from ``chunks``: its text became empty) and the new ones
+        inserted. Returns ``(kept, deleted, inserted)`` counts.
         """
         chunk_model = self.field.chunk_model
         if not pks or chunk_model is None:
-            return
+            return 0, 0, 0
         meta = chunk_model._meta
         qn = self.qn
         chunk_table = qn(meta.db_table)
-        owner = qn(meta.get_field("owner").column)
+        column = {name: qn(meta.get_field(name).column) for name in ("owner", "index", "start", "end", "text", "text_hash", "embedding")}
+        chunk_pk = qn(meta.pk.column)
         with self.connection.cursor() as cursor:
-            cursor.execute(f"DELETE FROM {chunk_table} WHERE {owner} = ANY(%s)", [list(pks)])
-        columns = ", ".join(qn(meta.get_field(name).column) for name in ("owner", "index", "start", "end", "text", "text_hash", "embedding"))
-        rows = [
-            (pk, chunk.index, chunk.start, chunk.end, chunk.text, key, vector_literal(vector))
-            for pk in pks
-            for chunk, key, vector in chunks.get(pk, ())
-        ]
-        placeholder = "(%s, %s, %s, %s, %s, %s, CAST(%s AS vector))"
+            cursor.execute(
+                f"SELECT {chunk_pk}, {column['owner']}, {column['index']}, {column['start']}, {column['end']}, {column['text_hash']}"
+                f" FROM {chunk_table} WHERE {column['owner']} = ANY(%s)",
+                [list(pks)],
+            )
+            stored = cursor.fetchall()
+        wanted = {(pk, chunk.index): (chunk, key, vector) for pk in pks for chunk, key, vector in chunks.get(pk, ())}
+        deleted, moved = [], []
+        for chunk_id, owner, index, start, end, text_hash in stored:
+            new = wanted.get((owner, index))
+            if new is None or new[1] != text_hash:
+                deleted.append(chunk_id)
+                continue
+            del wanted[(owner, index)]
+            if (start, end) != (new[0].start, new[0].end):
+                moved.append((chunk_id, new[0].start, new[0].end))
         with self.connection.cursor() as cursor:
-            for start in range(0, len(rows), CHUNK_INSERT_BATCH):
-                batch = rows[start : start + CHUNK_INSERT_BATCH]
+            if deleted:
+                # Before the inserts: (owner, index) is unique.
+                cursor.execute(f"DELETE FROM {chunk_table} WHERE {chunk_pk} = ANY(%s)", [deleted])
+            if moved:
+                id_type = meta.pk.db_type(self.connection)
+                placeholder = f"(CAST(%s AS {id_type}), CAST(%s AS integer), CAST(%s AS integer))"
                 cursor.execute(
-                    f"INSERT INTO {chunk_table} ({columns}) VALUES {', '.join([placeholder] * len(batch))}",
-                    [value for row in batch for value in row],
+                    f"UPDATE {chunk_table} AS c SET {column['start']} = v.start_at, {column['end']} = v.end_at"
+                    f" FROM (VALUES {', '.join([placeholder] * len(moved))}) AS v(id, start_at, end_at)"
+                    f" WHERE c.{chunk_pk} = v.id",
+                    [value for row in moved for value in row],
                 )
+        inserts = list(wanted.items())
+        if inserts:
+            join = self._stage([vector for _, (_, _, vector) in inserts])
+            vector_type = meta.get_field("embedding").db_type(self.connection)
+            names = ", ".join(column[name] for name in ("owner", "index", "start", "end", "text", "text_hash", "embedding"))
+            types = [self.pk_type, "integer", "integer", "integer", "text", "text", "integer"]
+            placeholder = "(" + ", ".join(f"CAST(%s AS {kind})" for kind in types) + ")"
+            rows = [
+                (pk, chunk.index, chunk.start, chunk.end, chunk.text, key, n)
+                for n, ((pk, _), (chunk, key, _)) in enumerate(inserts)
+            ]
+            with self.connection.cursor() as cursor:
+                for start in range(0, len(rows), CHUNK_INSERT_BATCH):
+                    batch = rows[start : start + CHUNK_INSERT_BATCH]
+                    cursor.execute(
+                        f"INSERT INTO {chunk_table} ({names})"
+                        f" SELECT v.owner, v.idx, v.start_at, v.end_at, v.text, v.text_hash, CAST(s.vec AS {vector_type})"
+                        f" FROM (VALUES {', '.join([placeholder] * len(batch))}) AS v(owner, idx, start_at, end_at, text, text_hash, n){join}",
+                        [value for row in batch for value in row],
+                    )
+        return len(stored) - len(deleted), len(deleted), len(inserts)
+
+
+def binary_copy_of_vectors(vectors):
+    """PostgreSQL's binary COPY format of the rows ``(n, vector)``, n counting from 0.
+
+    pgvector's binary form of a vector is its dimension and a zero (int16
+    each) then its float32 values, all big-endian (vector_recv).
+    """
+    import numpy as np
+
+    values = np.asarray(vectors, dtype=">f4")
+    count, dimensions = values.shape
+    layout = np.dtype(
+        [("fields", ">i2"), ("n_size", ">i4"), ("n", ">i4"), ("vec_size", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dimensions,))]
+    )
+    rows = np.zeros(count, dtype=layout)
+    rows["fields"], rows["n_size"], rows["n"] = 2, 4, np.arange(count)
+    rows["vec_size"], rows["dim"], rows["vec"] = 4 + 4 * dimensions, dimensions, values
+    # Signature, flags, header extension length; the rows; the trailer.
+    return b"PGCOPY\n\xff\r\n\x00" + bytes(8) + rows.tobytes() + b"\xff\xff"
 
 
 # --- the round -------------------------------------------------------------------
@@ -358,17 +459,17 @@ def embed_batch(field, using="default", claim_size=None, skip=(), deadline=None)
             elif all(key in vectors for key in row.keys):
                 row_vectors = [vectors[key] for key in row.keys]
                 vector = weighted_mean(row_vectors, [piece.tokens for piece in row.pieces], normalize)
-                embedded.append((row.pk, row.guard, row.text_hash, vector_literal(vector)))
+                embedded.append((row.pk, row.guard, row.text_hash, vector))
                 chunks[row.pk] = list(zip(row.pieces, row.keys, row_vectors))
             else:
                 result.deferred += 1
 
         writer = RowWriter(field, using)
         written = writer.write_vectors(embedded)
-        writer.replace_chunks(written, chunks)
+        writer.sync_chunks(written, chunks)
         confirmed = writer.confirm([(row.pk, row.guard, row.text_hash) for row in confirm])
         cleared = writer.clear([(row.pk, row.guard) for row in clear])
-        writer.replace_chunks(cleared, {})
+        writer.sync_chunks(cleared, {})
         # A failure is bound to the text's hash when it is known, so that
         # saving the same text again keeps the row failed.
         failures = [

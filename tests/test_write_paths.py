@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from semantic.distances import vector_literal
 from semantic.status import FRESH, NO_TEXT, embedding_status
 from semantic.tasks import sweep
 from semantic.worker import RowWriter, embed_batch
@@ -100,7 +99,7 @@ def test_row_deleted_while_queued_does_not_break_the_batch(request):
     assert fresh(keep.pk)
     # Deleted after its claim: the write-back finds nothing to update.
     writer = RowWriter(field, "default")
-    vector = vector_literal([0.0] * field.dimensions)
+    vector = [0.0] * field.dimensions
     assert writer.write_vectors([(gone.pk, gone.embedding_source_hash, gone.embedding_source_hash, vector)]) == []
 
 
