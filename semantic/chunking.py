@@ -27,7 +27,7 @@ from django.apps import apps as global_apps
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, models
 from django.db.backends.utils import names_digest, truncate_name
-from pgvector.django import HnswIndex, VectorField
+from pgvector.django import HnswIndex
 
 from semantic.hashing import HASH_LENGTH, fingerprint
 
@@ -278,7 +278,12 @@ def chunk_model_name(owner, field_name):
 
 
 def make_chunk_model(field):
-    """Build and register the chunk model of ``field`` (its owner class is prepared)."""
+    """Build and register the chunk model of ``field`` (its owner class is prepared).
+
+    Its ``embedding`` column has the field's storage (pgvector's VectorField
+    or HalfVectorField, the field's dimensions) and its HNSW index the
+    operator class of the field's metric on that storage.
+    """
     owner = field.model
     meta = owner._meta
     name = chunk_model_name(owner, field.name)
@@ -287,11 +292,13 @@ def make_chunk_model(field):
     short = f"{meta.db_table[:13]}_{names_digest(db_table, length=8)}"
     if not short[0].isalpha():
         short = "c" + short[1:]
+    # The chunk vectors are stored as the field's own (vector or halfvec),
+    # and indexed with the operator class of its metric on that type.
+    storage = field.storage_type
     try:
-        # The operator class of the field's search metric.
         opclass = field.opclass
     except ValueError:
-        opclass = "vector_cosine_ops"  # an unknown metric is the field's check to report
+        opclass = f"{storage.name}_cosine_ops"  # an unknown metric is the field's check to report
 
     class Meta:
         app_label = meta.app_label
@@ -326,7 +333,7 @@ def make_chunk_model(field):
         "text": models.TextField(),
         # Encoder fingerprint + sha256 of the chunk text: its cache key.
         "text_hash": models.CharField(max_length=HASH_LENGTH),
-        "embedding": VectorField(dimensions=field.dimensions),
+        "embedding": storage.field_class(dimensions=field.dimensions),
         "__str__": lambda self: f"{self.owner_id}#{self.index}",
     }
     model = type(name, (models.Model,), attrs)

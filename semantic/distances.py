@@ -1,36 +1,96 @@
 """
-Distance metrics an EmbeddingField can be searched with.
+Distance metrics an EmbeddingField can be searched with, and the column types it can store.
 
 Each metric pairs a pgvector distance function with the index operator class
 that accelerates it and with a similarity ``score`` (higher is closer) built
 from the distance, so every search result carries both:
 
-=============  ===================  =======================  ====================
-metric         distance             index opclass            score
-=============  ===================  =======================  ====================
-cosine         1 - cos(a, b)        vector_cosine_ops        1 - distance
-inner_product  -(a · b)             vector_ip_ops            -distance (a · b)
-l2             ||a - b||            vector_l2_ops            1 / (1 + distance)
-=============  ===================  =======================  ====================
+=============  ===================  ==========================  ====================
+metric         distance             index opclass               score
+=============  ===================  ==========================  ====================
+cosine         1 - cos(a, b)        <storage>_cosine_ops        1 - distance
+inner_product  -(a · b)             <storage>_ip_ops            -distance (a · b)
+l2             ||a - b||            <storage>_l2_ops            1 / (1 + distance)
+=============  ===================  ==========================  ====================
 
 For normalised embeddings (the default) the three rankings are identical;
 inner product is then the cheapest to compute.
+
+The operator class also names the column type (``storage``): ``vector``
+(float32, 4 bytes a dimension) or ``halfvec`` (float16, 2 bytes). An index
+built with one type's operator class cannot be built on the other's column.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 from django.db.models import ExpressionWrapper, F, FloatField, Value
-from pgvector.django import CosineDistance, L2Distance, MaxInnerProduct
+from pgvector import HalfVector, Vector
+from pgvector.django import CosineDistance, HalfVectorField, L2Distance, MaxInnerProduct, VectorField
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A pgvector column type for embeddings.
+
+    ``value_class`` converts values to and from pgvector's text form (what
+    the column reads back as: a list of floats); ``field_class`` is
+    pgvector's Django field of the type (the chunk table's column).
+    ``index_dimensions`` is the most dimensions pgvector's HNSW and IVFFlat
+    indexes accept on the type (pgvector 0.8; the column itself holds up
+    to MAX_DIMENSIONS).
+    """
+
+    name: str
+    value_class: type
+    field_class: type
+    index_dimensions: int
+
+    def db_type(self, dimensions):
+        return self.name if dimensions is None else f"{self.name}({int(dimensions)})"
+
+
+# pgvector's limit for a column of either type.
+MAX_DIMENSIONS = 16_000
+
+STORAGES = {
+    "vector": Storage("vector", Vector, VectorField, 2_000),
+    # Half the bytes per dimension, so an index page holds twice the
+    # dimensions: pgvector indexes up to 4,000 of them.
+    "halfvec": Storage("halfvec", HalfVector, HalfVectorField, 4_000),
+}
+
+
+def get_storage(name):
+    """The Storage called ``name``; ValueError naming the valid ones otherwise."""
+    try:
+        return STORAGES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown embedding storage {name!r}; choose one of {', '.join(map(repr, STORAGES))} "
+            f"(float32, indexable up to {STORAGES['vector'].index_dimensions:,} dimensions, or float16, "
+            f"up to {STORAGES['halfvec'].index_dimensions:,})."
+        ) from None
+
+
+def opclass_storage(opclass):
+    """The storage an operator class is for (``"halfvec_cosine_ops"`` -> ``"halfvec"``), or None."""
+    prefix = str(opclass).partition("_")[0]
+    return prefix if prefix in STORAGES else None
 
 
 @dataclass(frozen=True)
 class Metric:
     name: str
     distance_class: type
-    opclass: str
+    # The operator class without its storage prefix ("cosine_ops").
+    ops: str
     # pgvector's operator, for raw SQL (benchmarks, hybrid fusion).
     operator: str
+
+    def opclass_for(self, storage):
+        """The index operator class of this metric on a ``storage`` column, e.g. ``halfvec_cosine_ops``."""
+        return f"{get_storage(storage).name}_{self.ops}"
 
     def distance(self, column, vector):
         """The distance from ``column`` to ``vector`` (an array, or an expression such as query_value())."""
@@ -96,9 +156,9 @@ def query_value(vector):
 
 
 METRICS = {
-    "cosine": Metric("cosine", CosineDistance, "vector_cosine_ops", "<=>"),
-    "inner_product": Metric("inner_product", MaxInnerProduct, "vector_ip_ops", "<#>"),
-    "l2": Metric("l2", L2Distance, "vector_l2_ops", "<->"),
+    "cosine": Metric("cosine", CosineDistance, "cosine_ops", "<=>"),
+    "inner_product": Metric("inner_product", MaxInnerProduct, "ip_ops", "<#>"),
+    "l2": Metric("l2", L2Distance, "l2_ops", "<->"),
 }
 
 

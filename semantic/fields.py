@@ -35,6 +35,11 @@ With ``chunks=True`` (the default) a text longer than the model's
 ``max_seq_length`` is split into overlapping token windows stored one vector
 each in the field's chunk table (``field.chunk_model``, see
 semantic.chunking); ``chunks=False`` truncates long texts instead.
+
+``storage="halfvec"`` stores 16-bit floats (pgvector ``halfvec``) in the
+row's column and in the chunk table: half the bytes, and indexable up to
+4,000 dimensions instead of 2,000; the index then needs the halfvec operator
+class (``field.opclass``, e.g. ``halfvec_cosine_ops``).
 """
 
 from django.core import checks
@@ -168,6 +173,11 @@ class EmbeddingField(VectorField):
     ``SEMANTIC["MAX_CHUNKS"]``) is not encoded: its row is marked failed.
     ``chunks=False``: the model truncates long texts and there is no chunk
     table.
+
+    ``storage`` is the column type: ``"vector"`` (float32, the default) or
+    ``"halfvec"`` (float16: the worker's vectors are rounded to the nearest
+    float16 when written, and so is the query vector when compared). Values
+    read back as lists of floats either way. Anything else is a ValueError.
     """
 
     description = "Embedding of the row's text (pgvector)"
@@ -182,8 +192,14 @@ class EmbeddingField(VectorField):
         chunks=True,
         chunk_overlap=None,
         max_chunks=None,
+        storage="vector",
         **kwargs,
     ):
+        from semantic.distances import get_storage
+
+        # Raised here, not left to a check: the column type depends on it,
+        # and migrations would be written with a type that does not exist.
+        self.storage = get_storage(storage).name
         self.source = source
         self.model_alias = model
         self.chunks = chunks
@@ -263,11 +279,38 @@ class EmbeddingField(VectorField):
         # migrations free of callables and of churn when they change.
         name, path, args, kwargs = super().deconstruct()
         kwargs.pop("editable", None)
+        # Schema. Left out at its default, so migrations written before it
+        # existed still describe their fields exactly.
+        if self.storage != "vector":
+            kwargs["storage"] = self.storage
         if kwargs.get("null") is True:
             del kwargs["null"]
         if kwargs.get("blank") is True:
             del kwargs["blank"]
         return name, path, args, kwargs
+
+    # --- the column: pgvector's vector or halfvec -----------------------------
+
+    @property
+    def storage_type(self):
+        """The Storage (semantic.distances) of this field's column."""
+        from semantic.distances import get_storage
+
+        return get_storage(self.storage)
+
+    def db_type(self, connection):
+        return self.storage_type.db_type(self.dimensions)
+
+    def from_db_value(self, value, expression, connection):
+        return self.storage_type.value_class._from_db(value)
+
+    def to_python(self, value):
+        if isinstance(value, list):
+            return value
+        return self.storage_type.value_class._from_db(value)
+
+    def get_prep_value(self, value):
+        return self.storage_type.value_class._to_db(value)
 
     @property
     def encoder(self):
@@ -304,10 +347,14 @@ class EmbeddingField(VectorField):
 
     @property
     def opclass(self):
-        """The index operator class for this field's metric, e.g. for HnswIndex(opclasses=[...])."""
+        """The index operator class for this field's metric and storage, e.g. for HnswIndex(opclasses=[...])."""
+        return self.opclass_for(self.storage)
+
+    def opclass_for(self, storage):
+        """The index operator class for this field's metric on a ``storage`` column."""
         from semantic.distances import get_metric
 
-        return get_metric(self.metric).opclass
+        return get_metric(self.metric).opclass_for(storage)
 
     # --- text and hashing ---------------------------------------------------
 
@@ -402,8 +449,9 @@ class EmbeddingField(VectorField):
         ]
 
     def _check_index(self):
-        """semantic.E006 (unknown metric), W001 (no vector index), W002 (index of another metric)."""
-        from semantic.distances import METRICS
+        """semantic.E006 (unknown metric), E008 (too many dimensions), E009 (index of the other storage),
+        W001 (no vector index), W002 (index of another metric)."""
+        from semantic.distances import METRICS, opclass_storage
 
         if self.metric not in METRICS:
             return [
@@ -419,6 +467,9 @@ class EmbeddingField(VectorField):
             for index in self.model._meta.indexes
             if self.name in getattr(index, "fields", ()) and type(index).__name__ in ("HnswIndex", "IvfflatIndex")
         ]
+        too_large = self._check_dimensions(vector_indexes)
+        if too_large:
+            return too_large
         if not vector_indexes:
             return [
                 checks.Warning(
@@ -427,14 +478,35 @@ class EmbeddingField(VectorField):
                         "Add to Meta: indexes = [HnswIndex(name=\"%s_%s_hnsw\", fields=[\"%s\"], "
                         "opclasses=[\"%s\"])] (from pgvector.django import HnswIndex), then makemigrations."
                         % (self.model._meta.model_name[:14], self.name[:9], self.name, self.opclass)
-                    ),
+                    )
+                    + self._index_limit_hint(),
                     obj=self,
                     id="semantic.W001",
                 )
             ]
-        wrong = [index.name for index in vector_indexes if self.opclass not in getattr(index, "opclasses", ())]
-        if len(wrong) == len(vector_indexes):
-            return [
+        # An operator class of the other column type is not merely unused:
+        # PostgreSQL refuses to build it ("operator class ... does not
+        # accept data type ..."), so migrate fails. An error, per index.
+        errors = []
+        same_storage = []
+        for index in vector_indexes:
+            other = [o for o in getattr(index, "opclasses", ()) if opclass_storage(o) not in (None, self.storage)]
+            if not other:
+                same_storage.append(index)
+                continue
+            errors.append(
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} stores {self.storage}, but its vector index {index.name} "
+                    f"uses {other[0]}, an operator class for {opclass_storage(other[0])} columns: "
+                    f"migrate cannot build it.",
+                    hint=f"Build the index with opclasses=[{self.opclass!r}] (storage={self.storage!r}, metric={self.metric!r}).",
+                    obj=self,
+                    id="semantic.E009",
+                )
+            )
+        wrong = [index.name for index in same_storage if self.opclass not in getattr(index, "opclasses", ())]
+        if same_storage and len(wrong) == len(same_storage):
+            errors.append(
                 checks.Warning(
                     f"{self.model.__name__}.{self.name} searches by {self.metric} distance, but its vector "
                     f"index ({', '.join(wrong)}) is built for another operator class, so searches cannot use it.",
@@ -442,8 +514,58 @@ class EmbeddingField(VectorField):
                     obj=self,
                     id="semantic.W002",
                 )
+            )
+        return errors
+
+    def _check_dimensions(self, vector_indexes):
+        """semantic.E008: more dimensions than the column type holds, or than its indexes accept.
+
+        A chunked field always has an index: its chunk table's HNSW index.
+        """
+        from semantic.distances import MAX_DIMENSIONS
+
+        if not isinstance(self.dimensions, int):
+            return []  # semantic.E003
+        label = f"{self.model.__name__}.{self.name}"
+        if self.dimensions > MAX_DIMENSIONS:
+            return [
+                checks.Error(
+                    f"{label} has {self.dimensions:,} dimensions; a pgvector column holds at most {MAX_DIMENSIONS:,}.",
+                    hint="Use a model that makes smaller vectors.",
+                    obj=self,
+                    id="semantic.E008",
+                )
             ]
-        return []
+        limit = self.storage_type.index_dimensions
+        if self.dimensions <= limit or not (vector_indexes or self.chunks):
+            return []
+        indexed = ", ".join([index.name for index in vector_indexes] + (["the chunk table's HNSW index"] if self.chunks else []))
+        return [
+            checks.Error(
+                f"{label} has {self.dimensions:,} dimensions, but pgvector indexes {self.storage} columns of "
+                f"at most {limit:,}: migrate cannot build {indexed}.",
+                hint=self._index_limit_hint().strip(),
+                obj=self,
+                id="semantic.E008",
+            )
+        ]
+
+    def _index_limit_hint(self):
+        """What to do when the dimensions exceed what the storage can index ('' when they do not)."""
+        from semantic.distances import STORAGES
+
+        if not isinstance(self.dimensions, int) or self.dimensions <= self.storage_type.index_dimensions:
+            return ""
+        halfvec = STORAGES["halfvec"].index_dimensions
+        if self.storage == "vector" and self.dimensions <= halfvec:
+            return (
+                f" pgvector indexes vector columns of up to {self.storage_type.index_dimensions:,} dimensions and "
+                f"halfvec columns of up to {halfvec:,}: pass storage='halfvec' (and opclasses=[{self.opclass_for('halfvec')!r}])."
+            )
+        return (
+            f" pgvector indexes no column of more than {halfvec:,} dimensions: use a model that makes smaller "
+            f"vectors, or chunks=False and no vector index (every search then scans the whole table)."
+        )
 
     def _check_source(self):
         if self.source is None:
