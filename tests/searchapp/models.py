@@ -45,3 +45,14 @@ class IpPassage(models.Model):
 
     class Meta:
         indexes = [HnswIndex(name="ippassage_embedding_hnsw", fields=["embedding"], opclasses=["vector_ip_ops"])]
+
+
+class ChunkedPassage(models.Model):
+    """Rows of several chunks (the chunk table carries its HNSW index); ``bucket`` as in Passage."""
+
+    text = models.TextField()
+    bucket = models.IntegerField(db_index=True)
+
+    embedding = EmbeddingField(source="text", model="tiny")
+
+    objects = SemanticManager()

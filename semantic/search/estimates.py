@@ -1,0 +1,63 @@
+"""
+What a search would scan, as the planner estimates it: the input of the automatic exact/index choice.
+
+An exact search compares every vector its filters leave: the filtered rows
+for a row-vector search, their chunks for a search by chunk. The row count
+comes from the planner (``EXPLAIN`` of the filtered rows, one round trip) or,
+for an unfiltered search, from the table's statistics (``pg_class``, cached
+for a minute per process: no round trip on the common call).
+"""
+
+import json
+import time
+
+from django.db import connections
+
+STATISTICS_TTL = 60.0
+_table_rows = {}
+
+
+def table_rows(using, model):
+    """The planner's row count of ``model``'s table (cached per process for STATISTICS_TTL s)."""
+    key = (using, model._meta.db_table)
+    cached = _table_rows.get(key)
+    now = time.monotonic()
+    if cached is not None and now - cached[1] < STATISTICS_TTL:
+        return cached[0]
+    with connections[using].cursor() as cursor:
+        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)", [connections[using].ops.quote_name(model._meta.db_table)])
+        found = cursor.fetchone()
+    rows = found[0] if found else -1
+    if rows is None or rows < 0:
+        # Never analysed (reltuples -1): the planner estimates from the pages.
+        rows = planned_rows(using, model._base_manager.using(using).values("pk").query)
+    _table_rows[key] = (float(rows), now)
+    return float(rows)
+
+
+def forget_table_statistics():
+    """Drop the cached table row counts (after loading data in tests and benchmarks)."""
+    _table_rows.clear()
+
+
+def planned_rows(using, query):
+    """The planner's estimate of the rows ``query`` (a Query) returns."""
+    sql, params = query.get_compiler(using=using).as_sql()
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return float(plan[0]["Plan"]["Plan Rows"])
+
+
+def vectors_to_scan(rows, using, model, chunk_model=None):
+    """The vectors an exact search over ``rows`` filtered rows of ``model`` compares.
+
+    For a search by chunk: the rows times the table's mean chunks per row.
+    """
+    if chunk_model is None:
+        return rows
+    owners = table_rows(using, model)
+    chunks = table_rows(using, chunk_model)
+    return rows * (chunks / owners if owners >= 1 else 1.0)

@@ -1,0 +1,219 @@
+"""
+Nearest-neighbour search as a lazy QuerySet: how it is built, and how it runs.
+
+``build`` turns a QuerySet into a search (annotations ``distance`` and
+``score``, ordered by distance, the vector column deferred). The rows are
+compared by their own vector, or, for a chunked field, by their best chunk
+(semantic.search.chunks). ``run`` evaluates such a QuerySet under its index
+settings (semantic.search.session), chosen per query by the options
+(semantic.search.options) and, for the automatic choice, the planner's
+estimate of what an exact scan would compare (semantic.search.estimates).
+"""
+
+import functools
+
+from django.core.exceptions import FieldError, ImproperlyConfigured
+from django.db import models
+from django.db.models import F, FloatField, Q, Value
+from django.db.models.sql.query import Query
+from django.db.models.sql.where import AND
+
+from semantic.distances import get_metric, vector_literal
+from semantic.search.chunks import (
+    ChunkSearch,
+    SearchColumn,
+    add_best_chunk_columns,
+    attach_best_chunks,
+    best_column,
+    row_filters,
+)
+from semantic.search.estimates import planned_rows, table_rows, vectors_to_scan
+from semantic.search.query_vectors import as_query_vector
+from semantic.search.session import search_settings
+from semantic.search.sql import SearchQuery
+from semantic.status import searchable_q
+
+SEARCH_ANNOTATIONS = ("distance", "score", "best_chunk_id")
+FLOAT = FloatField()
+
+
+class SearchPlan:
+    """What a search QuerySet carries through its clones besides its SQL."""
+
+    def __init__(self, field, options, chunk_search):
+        self.field = field
+        self.options = options
+        # None when rows are compared by their own vector.
+        self.chunk_search = chunk_search
+
+
+class SearchShape:
+    """What ``build`` added to the query, to tell later whether anything else was.
+
+    ``unfiltered``: the search was built on every row of the table;
+    ``where_size``: its WHERE's size then. While both hold, the table's
+    statistics say how many rows an exact scan compares, and the compiled
+    SQL can be reused (semantic.search.sql). ``key`` names everything else
+    the SQL depends on.
+    """
+
+    def __init__(self, key, unfiltered, where_size, annotations):
+        self.key = key
+        self.unfiltered = unfiltered
+        self.where_size = where_size
+        self.annotations = frozenset(annotations)
+
+
+_searchable_nodes = {}
+
+
+def add_searchable(query, field):
+    """Add searchable_q(field) to ``query``'s WHERE, resolved once per model and condition.
+
+    Resolving a Q costs a few hundred microseconds, on every search; the
+    resolved node only names the base table's columns, so a copy of it
+    serves every query of the model (relabelling copies, never changes it).
+    """
+    condition = searchable_q(field)
+    key = (field.model, condition)
+    node = _searchable_nodes.get(key)
+    if node is None:
+        probe = Query(field.model)
+        probe.add_q(condition)
+        node = _searchable_nodes[key] = probe.where
+        if len(_searchable_nodes) > 256:
+            _searchable_nodes.clear()
+    query.get_initial_alias()
+    query.where.add(node.clone(), AND)
+
+
+def build(queryset, vector, field, *, k, min_score, options):
+    """``queryset`` searched by ``vector`` (see SemanticQuerySet.nearest for the contract)."""
+    if queryset.query.is_sliced:
+        raise TypeError("Cannot search a QuerySet once a slice has been taken; search first, then slice.")
+    metric = get_metric(field.metric)
+    literal = vector_literal(as_query_vector(vector, field))
+    by_chunk = options.by_chunk if options.by_chunk is not None else field.chunk_model is not None
+    if by_chunk and field.chunk_model is None:
+        raise ImproperlyConfigured(f"{field.model.__name__}.{field.name} stores no chunks (chunks=False).")
+    taken = set(SEARCH_ANNOTATIONS) & _field_names(field.model)
+    if taken:
+        raise FieldError(f"{field.model.__name__} has a field named {sorted(taken)[0]!r}, which searches annotate.")
+
+    # One clone, changed in place: a search is built on every call, and each
+    # QuerySet method would copy the query again.
+    searched = queryset._chain()
+    query = searched.query
+    unfiltered = not query.where.children and len(query.alias_map) <= 1 and not query.annotations
+    query.__class__ = SearchQuery
+    query.search_literal = literal
+    # Vectors made under another encoder configuration live in another
+    # space: until the worker re-embeds them, they are left out.
+    add_searchable(query, field)
+    chunk_search = None
+    if by_chunk:
+        chunk_search = query.chunk_search = ChunkSearch(field.chunk_model, metric, literal)
+        distance = best_column("distance")
+        query.add_annotation(best_column("id"), "best_chunk_id")
+    else:
+        distance = SearchColumn(metric.distance(field.name, Value(literal)), output_field=FLOAT)
+    query.add_annotation(distance, "distance")
+    query.add_annotation(SearchColumn(metric.score(F("distance")), output_field=FLOAT), "score")
+    max_distance = None
+    if min_score is not None:
+        max_distance = metric.max_distance(min_score)
+        query.add_q(Q(distance__lte=max_distance))
+    query.clear_ordering(force=True, clear_default=False)
+    query.add_ordering("distance")
+    if searched._fields is None:
+        # Parsing vectors costs more than finding them: results leave the
+        # column out unless asked for (.defer(None) loads everything).
+        query.add_deferred_loading([field.name])
+    if k is not None:
+        query.set_limits(high=k)
+    key = (field.model, field.name, field.fingerprint, by_chunk, max_distance)
+    query.search_shape = SearchShape(key, unfiltered, len(query.where.children), query.annotations)
+    searched._search_plan = SearchPlan(field, options, chunk_search)
+    return searched
+
+
+@functools.cache
+def _field_names(model):
+    return frozenset({f.name for f in model._meta.get_fields()} | {f.attname for f in model._meta.concrete_fields})
+
+
+def index_settings(queryset):
+    """The settings ``queryset`` (a search) runs under; may ask the planner (see SearchOptions)."""
+    plan = queryset._search_plan
+    query = queryset.query
+
+    def estimate_vectors():
+        model = plan.field.model
+        shape = query.search_shape
+        if shape.unfiltered and len(query.where.children) == shape.where_size and len(query.alias_map) <= 1:
+            rows = table_rows(queryset.db, model)
+        else:
+            rows = planned_rows(queryset.db, row_filters(query))
+        chunk_model = plan.chunk_search.chunk_model if plan.chunk_search else None
+        return vectors_to_scan(rows, queryset.db, model, chunk_model)
+
+    return plan.options.index_settings(query.high_mark, estimate_vectors)
+
+
+def run(queryset, action):
+    """``action(queryset)`` under the search's index settings."""
+    values = index_settings(queryset)
+    with search_settings(queryset.db, values, keeps_locks=bool(queryset.query.select_for_update)):
+        return action(queryset)
+
+
+def stream(queryset, iterate):
+    """Yield ``iterate(queryset)``'s rows under the search's index settings."""
+    values = index_settings(queryset)
+    with search_settings(queryset.db, values, keeps_locks=bool(queryset.query.select_for_update)):
+        yield from iterate(queryset)
+
+
+def fetch(queryset, fetch_all):
+    """The rows of ``queryset`` (a search): ``fetch_all(runner)`` fills and returns the runner's result cache.
+
+    Instances of a search by chunk come with ``best_chunk`` (fetched in the
+    same statement). A bounded chunk scan that found fewer than k rows runs
+    again unbounded (see semantic.search.chunks).
+    """
+    plan = queryset._search_plan
+    instances = queryset._iterable_class is models.query.ModelIterable
+    runner = queryset._chain()
+    if plan.chunk_search is not None and instances:
+        add_best_chunk_columns(runner.query)
+    values = index_settings(runner)
+    keeps_locks = bool(runner.query.select_for_update)
+    with search_settings(runner.db, values, keeps_locks=keeps_locks):
+        rows = fetch_all(runner)
+        limit = runner.query.high_mark
+        if plan.chunk_search is not None and limit is not None and len(rows) < limit - runner.query.low_mark:
+            runner = runner._chain()
+            runner.query.chunk_search = ChunkSearch(
+                plan.chunk_search.chunk_model, plan.chunk_search.metric, plan.chunk_search.vector_literal, unbounded=True
+            )
+            rows = fetch_all(runner)
+    if plan.chunk_search is None and queryset.query.order_by == ("distance",) and rows:
+        # Relaxed-order iterative scans may return neighbours slightly out
+        # of order; the rows are right, so sort them here.
+        sort_by_distance(rows, queryset._fields)
+    if plan.chunk_search is not None and instances:
+        attach_best_chunks(rows, plan.chunk_search.chunk_model, runner.db)
+    return rows, runner
+
+
+def sort_by_distance(rows, fields):
+    first = rows[0]
+    if isinstance(first, models.Model):
+        rows.sort(key=lambda row: row.distance)
+    elif isinstance(first, dict) and "distance" in first:
+        rows.sort(key=lambda row: row["distance"])
+    elif isinstance(first, tuple) and "distance" in (fields or ()):
+        position = fields.index("distance")
+        rows.sort(key=lambda row: row[position])
+    elif fields == ("distance",):
+        rows.sort()

@@ -1,0 +1,126 @@
+"""
+How a vector search finds its rows: one validated object for the index options.
+
+``exact``, ``ef_search``, ``probes``, ``iterative_scan`` and ``by_chunk`` are
+accepted by every search method (``nearest``, ``semantic_search``,
+``similar_to``, ``hybrid_search``); they are checked once, here, and carried
+by the QuerySet's clones.
+"""
+
+from dataclasses import dataclass, fields
+
+from semantic.conf import semantic_settings
+
+# pgvector's defaults and limits: hnsw.ef_search is 40 unless set and at most
+# 1000; an index scan returns at most ef_search rows without iterative scans.
+DEFAULT_EF_SEARCH = 40
+MAX_INDEX_LIMIT = 1000
+ITERATIVE_SCAN_MODES = ("relaxed_order", "strict_order", "off")
+EXACT = {"enable_indexscan": "off"}
+
+
+def _positive_int(name, value, upper=None):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper and value > upper):
+        bound = f" at most {upper}" if upper else ""
+        raise ValueError(f"{name} must be a positive integer{bound}, not {value!r}.")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Index options of one search; ``None`` means "the setting's default".
+
+    * ``exact``: True scans exactly, False walks the vector index, None
+      chooses per query (see ``index_settings``).
+    * ``ef_search`` (HNSW, default SEMANTIC["EF_SEARCH"] or pgvector's 40,
+      raised to k when k is larger), ``probes`` (IVFFlat, default
+      SEMANTIC["PROBES"]), ``iterative_scan`` ("relaxed_order",
+      "strict_order", "off"; default SEMANTIC["ITERATIVE_SCAN"]).
+    * ``by_chunk``: rank a chunked field's rows by their best chunk
+      (default True for fields with ``chunks=True``).
+
+    Raises ValueError for a value out of range, TypeError for an unknown name
+    (``from_kwargs``).
+    """
+
+    exact: bool | None = None
+    ef_search: int | None = None
+    probes: int | None = None
+    iterative_scan: str | None = None
+    by_chunk: bool | None = None
+
+    def __post_init__(self):
+        for name in ("exact", "by_chunk"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None, not {getattr(self, name)!r}.")
+        _positive_int("ef_search", self.ef_search, MAX_INDEX_LIMIT)
+        _positive_int("probes", self.probes)
+        if self.iterative_scan is not None and self.iterative_scan not in ITERATIVE_SCAN_MODES:
+            raise ValueError(
+                f"iterative_scan must be one of {', '.join(ITERATIVE_SCAN_MODES)}, not {self.iterative_scan!r}."
+            )
+
+    @classmethod
+    def from_kwargs(cls, **options):
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"Unknown search option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}.")
+        return cls(**options)
+
+    def index_settings(self, limit, estimate_vectors):
+        """The planner and index settings of a search returning at most ``limit`` rows.
+
+        With ``exact`` None the search is exact when it is not sliced, when
+        ``limit`` exceeds what an index scan can return, or when
+        ``estimate_vectors()`` (the vectors an exact scan would compare: the
+        filtered rows, or their chunks) is at most
+        SEMANTIC["EXACT_SEARCH_THRESHOLD"]; the estimate is only asked for
+        when needed. ``{"enable_indexscan": "off"}`` means an exact scan.
+        """
+        exact = self.exact
+        if exact is None:
+            exact = (
+                limit is None
+                or limit > MAX_INDEX_LIMIT
+                or estimate_vectors() <= semantic_settings.EXACT_SEARCH_THRESHOLD
+            )
+        if exact:
+            # HNSW and IVFFlat only offer ordered index scans; without them
+            # the planner filters (bitmap scans on other indexes still work)
+            # and sorts by the exact distance.
+            return dict(EXACT)
+        mode = self.iterative_scan or semantic_settings.ITERATIVE_SCAN
+        ef_search = self.ef_search or semantic_settings.EF_SEARCH or DEFAULT_EF_SEARCH
+        if limit is not None:
+            ef_search = max(ef_search, limit)
+        values = {}
+        if self.exact is False:
+            # Asked for the index: on a small table the planner would rather
+            # sort the whole table. (Chosen automatically, the index is only
+            # offered: a plan the planner costs lower is exact, so no worse.
+            # A selective filter can still be served by a B-tree bitmap scan.)
+            values["enable_seqscan"] = "off"
+        values |= {
+            "hnsw.ef_search": min(int(ef_search), MAX_INDEX_LIMIT),
+            "hnsw.iterative_scan": mode,
+            # IVFFlat knows no strict order.
+            "ivfflat.iterative_scan": "off" if mode == "off" else "relaxed_order",
+        }
+        probes = self.probes or semantic_settings.PROBES
+        if probes:
+            values["ivfflat.probes"] = int(probes)
+        return values
+
+
+def check_query(query):
+    """ValueError unless ``query`` is a non-empty string."""
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("semantic_search() needs a non-empty query string.")
+
+
+def check_k(k):
+    """ValueError unless ``k`` is None or a positive integer."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive integer, not {k!r}.")
