@@ -65,3 +65,14 @@ class Draft(models.Model):
     embedding = EmbeddingField(source=["title", "body"], model="tiny_short", chunk_overlap=4, max_chunks=6)
 
     objects = SemanticManager()
+
+
+class ChunkedHeadline(models.Model):
+    """bench/read_path.py's chunked table: documents of several 384-dim chunks (MiniLM's size)."""
+
+    title = models.CharField(max_length=300)
+    topic = models.CharField(max_length=20)
+
+    embedding = EmbeddingField(source="title")
+
+    objects = SemanticManager()
