@@ -52,7 +52,7 @@ class SearchOptions:
 
     def __post_init__(self):
         for name in ("exact", "by_chunk"):
-            if getattr(self, name) not in (None, True, False):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
                 raise ValueError(f"{name} must be True, False or None, not {getattr(self, name)!r}.")
         _positive_int("ef_search", self.ef_search, MAX_INDEX_LIMIT)
         _positive_int("probes", self.probes)

@@ -1,0 +1,68 @@
+"""The index options of a search: validated once, and the settings they choose (no database)."""
+
+import pytest
+
+from semantic.search.options import EXACT, MAX_INDEX_LIMIT, SearchOptions
+from semantic.search.session import connection_options
+
+
+def never():
+    raise AssertionError("the estimate was asked for although the choice did not need it")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"exact": "yes"}, "exact must be True, False or None"),
+        ({"by_chunk": 1}, "by_chunk must be True, False or None"),
+        ({"ef_search": 0}, "ef_search must be a positive integer at most 1000"),
+        ({"ef_search": MAX_INDEX_LIMIT + 1}, "at most 1000"),
+        ({"ef_search": True}, "ef_search must be a positive integer"),
+        ({"probes": -3}, "probes must be a positive integer"),
+        ({"iterative_scan": "fast"}, "iterative_scan must be one of relaxed_order, strict_order, off"),
+    ],
+)
+def test_out_of_range_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        SearchOptions.from_kwargs(**options)
+
+
+def test_unknown_options_name_what_is_accepted():
+    with pytest.raises(TypeError, match="Unknown search option.*ef_serach.*accepted: by_chunk, ef_search, exact"):
+        SearchOptions.from_kwargs(ef_serach=10)
+
+
+def test_exact_needs_no_estimate_and_turns_index_scans_off():
+    assert SearchOptions(exact=True).index_settings(10, never) == EXACT
+
+
+def test_asking_for_the_index_forces_it_and_raises_ef_search_to_k(settings):
+    values = SearchOptions(exact=False).index_settings(300, never)
+    assert values["enable_seqscan"] == "off" and values["hnsw.ef_search"] == 300
+    assert SearchOptions(exact=False, ef_search=50).index_settings(10, never)["hnsw.ef_search"] == 50
+
+
+@pytest.mark.parametrize("estimate, exact", [(1999, True), (2000, True), (2001, False)])
+def test_the_automatic_choice_compares_the_vectors_an_exact_scan_reads(settings, estimate, exact):
+    settings.SEMANTIC = {**settings.SEMANTIC, "EXACT_SEARCH_THRESHOLD": 2000}
+    values = SearchOptions().index_settings(10, lambda: estimate)
+    assert (values == EXACT) is exact
+    # Chosen automatically, the index is offered, not forced.
+    assert "enable_seqscan" not in values
+
+
+@pytest.mark.parametrize("limit", [None, MAX_INDEX_LIMIT + 1])
+def test_unsliced_or_huge_searches_are_exact_without_an_estimate(limit):
+    assert SearchOptions().index_settings(limit, never) == EXACT
+
+
+def test_iterative_scan_modes_map_to_ivfflat(settings):
+    assert SearchOptions(exact=False, iterative_scan="strict_order").index_settings(10, never)["ivfflat.iterative_scan"] == "relaxed_order"
+    assert SearchOptions(exact=False, iterative_scan="off").index_settings(10, never)["ivfflat.iterative_scan"] == "off"
+
+
+def test_connection_options_start_a_session_with_the_default_search_settings(settings):
+    settings.SEMANTIC = {**settings.SEMANTIC, "EF_SEARCH": 120, "ITERATIVE_SCAN": "strict_order", "PROBES": 7}
+    default = SearchOptions().index_settings(10, lambda: 10**6)
+    options = dict(part.split("=") for part in connection_options().replace("-c ", "").split())
+    assert options == {name: str(value) for name, value in default.items()}
