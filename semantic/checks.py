@@ -122,19 +122,24 @@ def _model_location_problem(config):
     return None
 
 
+def _valid_model_configs():
+    """(alias, config) of every alias whose settings are valid (semantic.E010 reports the others)."""
+    try:
+        aliases = list(semantic_settings.MODELS)
+    except ImproperlyConfigured:
+        return
+    for alias in aliases:
+        try:
+            yield alias, semantic_settings.model_config(alias)
+        except ImproperlyConfigured:
+            continue
+
+
 @checks.register("semantic")
 def check_model_files(app_configs=None, **kwargs):
     """semantic.E011: every model alias (and the reranker) points at something loadable offline."""
     errors = []
-    try:
-        aliases = list(semantic_settings.MODELS)
-    except ImproperlyConfigured:
-        return []  # reported by semantic.E010
-    for alias in aliases:
-        try:
-            config = semantic_settings.model_config(alias)
-        except ImproperlyConfigured:
-            continue  # reported by semantic.E010
+    for alias, config in _valid_model_configs():
         problem = _model_location_problem(config)
         if problem:
             errors.append(
@@ -158,6 +163,53 @@ def check_model_files(app_configs=None, **kwargs):
                     f"SEMANTIC['RERANKER'] cannot be loaded: {problem}",
                     hint="Set it to a CrossEncoder directory (or None to turn reranking off).",
                     id="semantic.E012",
+                )
+            )
+    return errors
+
+
+@checks.register("semantic")
+def check_backends(app_configs=None, **kwargs):
+    """semantic.E013: every onnx alias can run there: supported modules, a usable export directory.
+
+    Reads modules.json and file modes only: no model is loaded or exported.
+    """
+    from pathlib import Path
+
+    from semantic import onnx_backend
+    from semantic.encoders import model_location
+    from semantic.hashing import model_identity
+
+    errors = []
+    for alias, config in _valid_model_configs():
+        if config["backend"] != "onnx":
+            continue
+        try:
+            location = model_location(config)
+        except ImproperlyConfigured:
+            continue  # reported by semantic.E011
+        problem = onnx_backend.unsupported_modules(location)
+        if problem:
+            errors.append(
+                checks.Error(
+                    f"Model alias {alias!r} cannot run on the onnx backend: {problem}.",
+                    hint="Use 'backend': 'torch' for this model.",
+                    id="semantic.E013",
+                )
+            )
+            continue
+        if config["onnx_dir"] is None:
+            continue  # the default falls back to the user's cache directory
+        directory = Path(config["onnx_dir"]).expanduser()
+        key = onnx_backend.export_key(model_identity(location, config["revision"]), config["quantize"])
+        if not (directory / f"{key}.onnx").is_file() and not onnx_backend.writable(directory):
+            errors.append(
+                checks.Error(
+                    f"Model alias {alias!r} exports its ONNX model to {directory}, which cannot be written "
+                    f"and holds no export of this model.",
+                    hint="Point 'onnx_dir' at a writable directory, or leave it out (a folder next to the "
+                    "model, else ~/.cache/semantic/onnx).",
+                    id="semantic.E013",
                 )
             )
     return errors

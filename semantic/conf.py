@@ -124,7 +124,25 @@ MODEL_DEFAULTS = {
     # None keeps the model's own limit.
     "max_seq_length": None,
     "trust_remote_code": False,
+    # What runs the model: "torch" (sentence-transformers, any DEVICE) or
+    # "onnx" (the transformer exported once to ONNX and run by onnxruntime
+    # on the CPU; semantic/onnx_backend.py). Queries and documents of an
+    # alias always use its backend. Changing it makes the alias's rows stale.
+    "backend": "torch",
+    # "onnx" only: None (float32, the torch model's vectors to ~1e-6) or
+    # "int8" (weights quantized per channel by onnxruntime; faster, vectors
+    # differ slightly). Also part of the fingerprint.
+    "quantize": None,
+    # "onnx" only: where the exported files go. None: a folder next to the
+    # model directory ("<model dir>-onnx") when it can be written, else
+    # $XDG_CACHE_HOME/semantic/onnx (~/.cache/semantic/onnx).
+    "onnx_dir": None,
 }
+
+BACKENDS = ("torch", "onnx")
+QUANTIZE_CHOICES = (None, "int8")
+# What the onnx backend needs installed (pinned in requirements.txt).
+ONNX_PACKAGES = ("onnxruntime", "onnx")
 
 SETTING_NAME = "SEMANTIC"
 
@@ -183,10 +201,40 @@ class SemanticSettings:
                 f"of 'path' (a local model directory) or 'package' (an "
                 f"installed package carrying the model)."
             )
+        _check_backend(alias, config)
         return config
 
     def reload(self):
         self._user = None
+
+
+def _check_backend(alias, config):
+    """ImproperlyConfigured unless the alias's backend, quantize and onnx_dir fit together and can run."""
+    from importlib.util import find_spec
+
+    where = f"settings.{SETTING_NAME}['MODELS'][{alias!r}]"
+    backend, quantize = config["backend"], config["quantize"]
+    if backend not in BACKENDS:
+        raise ImproperlyConfigured(
+            f"{where}['backend'] is {backend!r}; it must be one of {', '.join(map(repr, BACKENDS))}."
+        )
+    if quantize not in QUANTIZE_CHOICES:
+        raise ImproperlyConfigured(
+            f"{where}['quantize'] is {quantize!r}; it must be None (float32) or 'int8'."
+        )
+    if backend != "onnx":
+        for key in ("quantize", "onnx_dir"):
+            if config[key] is not None:
+                raise ImproperlyConfigured(
+                    f"{where}[{key!r}] applies to the onnx backend only; add 'backend': 'onnx' or remove it."
+                )
+        return
+    missing = [name for name in ONNX_PACKAGES if find_spec(name) is None]
+    if missing:
+        raise ImproperlyConfigured(
+            f"{where} uses the onnx backend, but {' and '.join(missing)} is not installed "
+            f"(pip install -r requirements.txt installs onnxruntime and onnx)."
+        )
 
 
 semantic_settings = SemanticSettings()

@@ -1,8 +1,15 @@
 """
 Encoders: one SentenceTransformer per alias and process, loaded on first use.
 
+The alias's ``backend`` decides what runs it: torch (sentence-transformers on
+DEVICE), or onnx (semantic.onnx_backend: the same SentenceTransformer's
+tokenizer and pooling around its transformer exported to onnxruntime). Both
+give ``Encoder.model`` the same interface, so queries and documents of an
+alias always go through the same backend.
+
 An encoder's *fingerprint* names everything that changes its vectors (model
-identity, prefix, normalisation, max_seq_length). It is computed from the
+identity, prefix, normalisation, max_seq_length, and a backend other than
+torch with its precision). It is computed from the
 settings and a cheap digest of the model files (semantic.hashing), without
 loading the model, so web processes can hash texts on save at no cost.
 Stored hashes and cache keys begin with it: a vector made by another model or
@@ -174,6 +181,20 @@ class Encoder:
             f"prefix={prefix!r}",
             f"normalize={bool(self.config['normalize'])}",
             f"max_seq_length={self.config['max_seq_length']}",
+            *self._backend_parts(),
+        )
+
+    def _backend_parts(self):
+        """What the backend adds to the fingerprint: nothing for torch, so rows embedded
+        before backends existed stay fresh; backend, precision and export recipe otherwise."""
+        if self.config["backend"] == "torch":
+            return ()
+        from semantic.onnx_backend import EXPORT_VERSION
+
+        return (
+            f"backend={self.config['backend']}",
+            f"quantize={self.config['quantize']}",
+            f"export=v{EXPORT_VERSION}",
         )
 
     @cached_property
@@ -192,6 +213,9 @@ class Encoder:
 
     @property
     def device(self):
+        """The torch device the model loads on (the onnx backend always runs on the CPU)."""
+        if self.config["backend"] == "onnx":
+            return "cpu"
         return resolve_device(semantic_settings.DEVICE)
 
     @property
@@ -200,7 +224,12 @@ class Encoder:
 
     @property
     def model(self):
-        """The SentenceTransformer, loaded once per process (thread-safe)."""
+        """The SentenceTransformer, loaded once per process (thread-safe).
+
+        For the onnx backend an OnnxSentenceModel, which offers the same
+        ``encode()``, ``tokenizer``, ``max_seq_length``, ``device`` and
+        ``get_embedding_dimension()``.
+        """
         if self._model is None:
             with self._load_lock:
                 if self._model is None:
@@ -230,7 +259,9 @@ class Encoder:
             ) from exc
         if self.config["max_seq_length"]:
             model.max_seq_length = self.config["max_seq_length"]
-        if use_half_precision(device):
+        if self.config["backend"] == "onnx":
+            model = self._onnx_model(model)
+        elif use_half_precision(device):
             model.half()
         actual = model.get_embedding_dimension()
         declared = self.config["dimensions"]
@@ -240,6 +271,23 @@ class Encoder:
                 f"but settings declare 'dimensions': {declared}."
             )
         return model
+
+    def _onnx_model(self, sentence_transformer):
+        """The alias's model on onnxruntime (semantic.onnx_backend), exported on first use."""
+        from semantic import onnx_backend
+
+        directory = onnx_backend.export_directory(
+            self.location, self.config["onnx_dir"], onnx_backend.export_key(self.identity, self.config["quantize"])
+        )
+        return onnx_backend.load(
+            sentence_transformer,
+            identity=self.identity,
+            quantize=self.config["quantize"],
+            directory=directory,
+            # The same thread count as torch, so the backends compare fairly.
+            threads=semantic_settings.TORCH_THREADS,
+            alias=self.alias,
+        )
 
     def encode(self, texts, *, query=False, batch_size=None):
         """Encode cleaned texts; returns ``(vectors, failures)``.
