@@ -56,3 +56,45 @@ class ChunkedPassage(models.Model):
     embedding = EmbeddingField(source="text", model="tiny")
 
     objects = SemanticManager()
+
+
+class HalfPassage(models.Model):
+    """Passage's twin stored as float16 (``storage="halfvec"``), with its HNSW index on halfvec_cosine_ops."""
+
+    text = models.TextField()
+    bucket = models.IntegerField(db_index=True)
+
+    embedding = EmbeddingField(source="text", model="tiny", chunks=False, storage="halfvec")
+
+    objects = SemanticManager()
+
+    class Meta:
+        indexes = [HnswIndex(name="halfpassage_embedding_hnsw", fields=["embedding"], opclasses=["halfvec_cosine_ops"])]
+
+
+class HalfChunkedPassage(models.Model):
+    """A chunked halfvec field: the chunk table's column and HNSW index are halfvec too (16-token model: many chunks)."""
+
+    text = models.TextField()
+    bucket = models.IntegerField(db_index=True)
+
+    embedding = EmbeddingField(source="text", model="tiny_short", chunk_overlap=4, storage="halfvec")
+
+    objects = SemanticManager()
+
+    class Meta:
+        indexes = [HnswIndex(name="halfchunked_embedding_hnsw", fields=["embedding"], opclasses=["halfvec_cosine_ops"])]
+
+
+class HalfHeadline(models.Model):
+    """Headline's twin stored as halfvec: bench/halfvec.py compares the two at 100k rows."""
+
+    title = models.CharField(max_length=300)
+    topic = models.CharField(max_length=20)
+
+    embedding = EmbeddingField(source="title", chunks=False, storage="halfvec")
+
+    objects = SemanticManager()
+
+    class Meta:
+        indexes = [HnswIndex(name="halfheadline_embedding_hnsw", fields=["embedding"], opclasses=["halfvec_cosine_ops"])]
