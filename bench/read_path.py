@@ -266,8 +266,12 @@ def chunked_search(args, log, connection, row_vector_rows):
         truth = best_chunk_truth(owners, vectors, queries, keep)
         base = ChunkedHeadline.objects.all() if kept is None else ChunkedHeadline.objects.filter(topic__lt=f"{kept:03d}")
         rows = []
-        for name, options in (("exact (exact=True)", dict(exact=True)), ("index path (exact=False)", dict(exact=False)),
-                              ("auto (exact=None)", dict())):
+        modes = [("exact (exact=True)", dict(exact=True)), ("index path (exact=False)", dict(exact=False)),
+                 ("auto (exact=None)", dict())]
+        if kept is None:
+            # Recall against ef_search: the chunk index holds ~4x the vectors of the row index.
+            modes += [(f"index path, ef_search={ef}", dict(exact=False, ef_search=ef)) for ef in (200, 400)]
+        for name, options in modes:
             log(f"chunked {label}: {name}")
             make = lambda q, options=options: base.nearest(q, k=K, **options)  # noqa: E731
             stats = measure_search(make, queries, truth, warmup=2, budget_s=args.budget, minimum=20)

@@ -88,9 +88,10 @@ DEFAULTS = {
     # pgvector >= 0.8 iterative index scans, so a filtered ANN search still
     # finds k rows: "relaxed_order", "strict_order" or "off".
     "ITERATIVE_SCAN": "relaxed_order",
-    # exact=None: a search whose exact scan would compare at most this many
-    # vectors (the filtered rows, or their chunks; planner estimate) scans
-    # exactly instead of walking the vector index.
+    # exact=None: what an index walk costs, in vector comparisons. A search
+    # whose exact scan compares fewer vectors (the filtered rows, or their
+    # chunks; planner estimate) scans exactly; a filter keeping a share s of
+    # the rows lengthens the walk (semantic.search.options).
     "EXACT_SEARCH_THRESHOLD": 2_000,
     # Hybrid search: PostgreSQL text search configuration, reciprocal rank
     # fusion constant, and how many candidates each ranking contributes.

@@ -172,3 +172,23 @@ def test_filters_after_a_plain_search_are_applied_to_it(corpus):
     # values() of the same search, from the cached shape and not.
     assert [v["pk"] for v in plain.values("pk", "distance")] == [row.pk for row in plain]
     assert filtered.count() == K and search.filter(bucket__gte=BUCKETS + 1).count() == 0
+
+
+@pytest.mark.django_db
+def test_a_locking_search_by_chunk_locks_its_rows_only(corpus):
+    """select_for_update() locks the rows returned, not every row the chunk scan's filter subquery reads."""
+    import psycopg
+
+    ids, _ = corpus
+    rows = list(ChunkedPassage.objects.select_for_update().nearest(QUERIES[4], k=K, exact=True))
+    assert len({row.pk for row in rows}) == K
+    returned = {row.pk for row in rows}
+    other = next(pk for pk in ids if pk not in returned)
+    settings = connection.settings_dict
+    with psycopg.connect(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"], port=settings["PORT"] or None, autocommit=True
+    ) as elsewhere:
+        table = ChunkedPassage._meta.db_table
+        elsewhere.execute(f'SELECT id FROM "{table}" WHERE id = %s FOR UPDATE NOWAIT', [other])
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            elsewhere.execute(f'SELECT id FROM "{table}" WHERE id = %s FOR UPDATE NOWAIT', [rows[0].pk])

@@ -42,13 +42,36 @@ def test_asking_for_the_index_forces_it_and_raises_ef_search_to_k(settings):
     assert SearchOptions(exact=False, ef_search=50).index_settings(10, never)["hnsw.ef_search"] == 50
 
 
-@pytest.mark.parametrize("estimate, exact", [(1999, True), (2000, True), (2001, False)])
-def test_the_automatic_choice_compares_the_vectors_an_exact_scan_reads(settings, estimate, exact):
-    settings.SEMANTIC = {**settings.SEMANTIC, "EXACT_SEARCH_THRESHOLD": 2000}
-    values = SearchOptions().index_settings(10, lambda: estimate)
+@pytest.mark.parametrize(
+    "vectors, share, scan_rows, exact",
+    [
+        # Unfiltered: the threshold itself.
+        (2000, 1.0, 10, True),
+        (2001, 1.0, 10, False),
+        # A filter keeping 10%: walking 10 / 0.1 = 100 candidates is what
+        # ef_search walks anyway.
+        (5000, 0.1, 10, False),
+        # A filter keeping 1%: 1,000 candidates, ten times the walk.
+        (5000, 0.01, 10, True),
+        (20001, 0.01, 10, False),
+        # By chunk, 50 chunks for 10 rows: at 10%, 500 candidates.
+        (9000, 0.1, 50, True),
+        (10001, 0.1, 50, False),
+        (1, 0.0, 10, True),
+    ],
+)
+def test_the_automatic_choice_weighs_an_exact_scan_against_the_index_walk(settings, vectors, share, scan_rows, exact):
+    settings.SEMANTIC = {**settings.SEMANTIC, "EXACT_SEARCH_THRESHOLD": 2000, "EF_SEARCH": 100}
+    values = SearchOptions().index_settings(10, lambda: (vectors, share), scan_rows)
     assert (values == EXACT) is exact
     # Chosen automatically, the index is offered, not forced.
     assert "enable_seqscan" not in values
+
+
+def test_ef_search_covers_what_the_index_scan_must_yield(settings):
+    settings.SEMANTIC = {**settings.SEMANTIC, "EF_SEARCH": 100}
+    assert SearchOptions(exact=False).index_settings(30, never, 150)["hnsw.ef_search"] == 150
+    assert SearchOptions(exact=False).index_settings(300, never, 1500)["hnsw.ef_search"] == MAX_INDEX_LIMIT
 
 
 @pytest.mark.parametrize("limit", [None, MAX_INDEX_LIMIT + 1])
@@ -63,6 +86,6 @@ def test_iterative_scan_modes_map_to_ivfflat(settings):
 
 def test_connection_options_start_a_session_with_the_default_search_settings(settings):
     settings.SEMANTIC = {**settings.SEMANTIC, "EF_SEARCH": 120, "ITERATIVE_SCAN": "strict_order", "PROBES": 7}
-    default = SearchOptions().index_settings(10, lambda: 10**6)
+    default = SearchOptions().index_settings(10, lambda: (10**6, 1.0))
     options = dict(part.split("=") for part in connection_options().replace("-c ", "").split())
     assert options == {name: str(value) for name, value in default.items()}

@@ -124,6 +124,8 @@ def row_filters(query):
     rows.clear_ordering(force=True)
     rows.clear_limits()
     rows.explain_info = None
+    # A subquery takes no row locks; the outer query keeps them.
+    rows.select_for_update = False
     rows.clear_select_clause()
     rows.select_related = False
     rows.add_fields([rows.model._meta.pk.name], allow_m2m=False)

@@ -2,7 +2,8 @@
 What a search would scan, as the planner estimates it: the input of the automatic exact/index choice.
 
 An exact search compares every vector its filters leave: the filtered rows
-for a row-vector search, their chunks for a search by chunk. The row count
+for a row-vector search, their chunks for a search by chunk; an index walk
+costs more the smaller the share of the table the filters keep. The row count
 comes from the planner (``EXPLAIN`` of the filtered rows, one round trip) or,
 for an unfiltered search, from the table's statistics (``pg_class``, cached
 for a minute per process: no round trip on the common call).
@@ -51,13 +52,15 @@ def planned_rows(using, query):
     return float(plan[0]["Plan"]["Plan Rows"])
 
 
-def vectors_to_scan(rows, using, model, chunk_model=None):
-    """The vectors an exact search over ``rows`` filtered rows of ``model`` compares.
+def scan_estimate(rows, using, model, chunk_model=None):
+    """(vectors an exact search over ``rows`` filtered rows compares, the share of the table they are).
 
-    For a search by chunk: the rows times the table's mean chunks per row.
+    For a search by chunk the vectors are the rows' chunks: the rows times
+    the table's mean chunks per row.
     """
+    table = table_rows(using, model)
+    share = min(1.0, rows / table) if table >= 1 else 1.0
     if chunk_model is None:
-        return rows
-    owners = table_rows(using, model)
+        return rows, share
     chunks = table_rows(using, chunk_model)
-    return rows * (chunks / owners if owners >= 1 else 1.0)
+    return rows * (chunks / table if table >= 1 else 1.0), share

@@ -20,6 +20,7 @@ from django.db.models.sql.where import AND
 
 from semantic.distances import get_metric, vector_literal
 from semantic.search.chunks import (
+    CHUNKS_PER_RESULT,
     ChunkSearch,
     SearchColumn,
     add_best_chunk_columns,
@@ -27,7 +28,7 @@ from semantic.search.chunks import (
     best_column,
     row_filters,
 )
-from semantic.search.estimates import planned_rows, table_rows, vectors_to_scan
+from semantic.search.estimates import planned_rows, scan_estimate, table_rows
 from semantic.search.query_vectors import as_query_vector
 from semantic.search.session import search_settings
 from semantic.search.sql import SearchQuery
@@ -147,7 +148,7 @@ def index_settings(queryset):
     plan = queryset._search_plan
     query = queryset.query
 
-    def estimate_vectors():
+    def estimate_scan():
         model = plan.field.model
         shape = query.search_shape
         if shape.unfiltered and len(query.where.children) == shape.where_size and len(query.alias_map) <= 1:
@@ -155,9 +156,11 @@ def index_settings(queryset):
         else:
             rows = planned_rows(queryset.db, row_filters(query))
         chunk_model = plan.chunk_search.chunk_model if plan.chunk_search else None
-        return vectors_to_scan(rows, queryset.db, model, chunk_model)
+        return scan_estimate(rows, queryset.db, model, chunk_model)
 
-    return plan.options.index_settings(query.high_mark, estimate_vectors)
+    limit = query.high_mark
+    scan_rows = limit * CHUNKS_PER_RESULT if plan.chunk_search is not None and limit is not None else limit
+    return plan.options.index_settings(limit, estimate_scan, scan_rows)
 
 
 def run(queryset, action):

@@ -69,32 +69,40 @@ class SearchOptions:
             raise TypeError(f"Unknown search option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}.")
         return cls(**options)
 
-    def index_settings(self, limit, estimate_vectors):
+    def index_settings(self, limit, estimate_scan, scan_rows=None):
         """The planner and index settings of a search returning at most ``limit`` rows.
 
-        With ``exact`` None the search is exact when it is not sliced, when
-        ``limit`` exceeds what an index scan can return, or when
-        ``estimate_vectors()`` (the vectors an exact scan would compare: the
-        filtered rows, or their chunks) is at most
-        SEMANTIC["EXACT_SEARCH_THRESHOLD"]; the estimate is only asked for
-        when needed. ``{"enable_indexscan": "off"}`` means an exact scan.
+        ``scan_rows``: how many vectors an index scan must yield for those
+        rows (``limit``, or more for a search by chunk); ``ef_search`` is
+        raised to it. With ``exact`` None the search is exact when it is not
+        sliced, when ``limit`` exceeds what an index scan can return, or
+        when an exact scan is estimated to cost less than the index walk.
+        ``estimate_scan()`` (asked only then) returns the vectors an exact
+        scan would compare (the filtered rows, or their chunks) and the share
+        of the table the filters keep. The index walk costs about
+        SEMANTIC["EXACT_SEARCH_THRESHOLD"] vector comparisons while it needs
+        no more than ef_search candidates; a filter keeping a share s of the
+        rows makes it walk scan_rows / s candidates instead, and its cost
+        grows with them. ``{"enable_indexscan": "off"}`` means an exact scan.
         """
+        scan_rows = limit if scan_rows is None else scan_rows
+        ef_search = self.ef_search or semantic_settings.EF_SEARCH or DEFAULT_EF_SEARCH
+        if scan_rows is not None:
+            ef_search = max(ef_search, scan_rows)
+        ef_search = min(int(ef_search), MAX_INDEX_LIMIT)
         exact = self.exact
         if exact is None:
-            exact = (
-                limit is None
-                or limit > MAX_INDEX_LIMIT
-                or estimate_vectors() <= semantic_settings.EXACT_SEARCH_THRESHOLD
-            )
+            exact = limit is None or limit > MAX_INDEX_LIMIT
+            if not exact:
+                vectors, share = estimate_scan()
+                walked = scan_rows / share if share > 0 else float("inf")
+                exact = vectors <= semantic_settings.EXACT_SEARCH_THRESHOLD * max(1.0, walked / ef_search)
         if exact:
             # HNSW and IVFFlat only offer ordered index scans; without them
             # the planner filters (bitmap scans on other indexes still work)
             # and sorts by the exact distance.
             return dict(EXACT)
         mode = self.iterative_scan or semantic_settings.ITERATIVE_SCAN
-        ef_search = self.ef_search or semantic_settings.EF_SEARCH or DEFAULT_EF_SEARCH
-        if limit is not None:
-            ef_search = max(ef_search, limit)
         values = {}
         if self.exact is False:
             # Asked for the index: on a small table the planner would rather
@@ -103,7 +111,7 @@ class SearchOptions:
             # A selective filter can still be served by a B-tree bitmap scan.)
             values["enable_seqscan"] = "off"
         values |= {
-            "hnsw.ef_search": min(int(ef_search), MAX_INDEX_LIMIT),
+            "hnsw.ef_search": ef_search,
             "hnsw.iterative_scan": mode,
             # IVFFlat knows no strict order.
             "ivfflat.iterative_scan": "off" if mode == "off" else "relaxed_order",

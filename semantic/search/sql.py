@@ -103,6 +103,10 @@ def search_compiler(base):
         return result, params
 
     def as_sql(self, with_limits=True, with_col_aliases=False):
+        if self.query.chunk_search is not None and self.query.select_for_update and not self.query.select_for_update_of:
+            # Row locks cannot reach into the derived table of best chunks
+            # (it has DISTINCT): lock the rows the search returns.
+            self.query.select_for_update_of = ("self",)
         key = self.query.plain_key(self.using or self.connection.alias, with_limits, with_col_aliases)
         if key is None:
             return base.as_sql(self, with_limits, with_col_aliases)
