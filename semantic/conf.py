@@ -54,7 +54,8 @@ DEFAULTS = {
     # Seconds during which further saves of the same (model, field) do not
     # enqueue another wake-up: a burst of saves becomes one task.
     "COALESCE_SECONDS": 30,
-    # CPU threads torch may use (torch.set_num_threads) once a model loads.
+    # CPU threads torch may use (torch.set_num_threads) once a model loads,
+    # and onnxruntime's intra-op threads for aliases with "backend": "onnx".
     # None keeps torch's default, one per core: right for a worker that owns
     # the machine, too many where web processes or PostgreSQL share the
     # cores (measured: a cross-encoder 10x slower on 2 shared cores).

@@ -10,9 +10,11 @@ all of the work, runs in onnxruntime; its torch weights are dropped once
 the ONNX session is open.
 
 The transformer is exported once per model (``torch.onnx.export`` with the
-TorchScript exporter, ``dynamo=False``; dynamic batch and sequence axes)
-into a cache directory, and for ``"quantize": "int8"`` quantized with
-onnxruntime's own dynamic quantization (see INT8_RECIPE). A file's name is
+TorchScript exporter, ``dynamo=False``, which traces what transformers 5
+runs; dynamic batch and sequence axes) into a cache directory, fused by
+onnxruntime's transformer optimizer where it knows the architecture,
+checked against torch's output, and for ``"quantize": "int8"`` quantized
+with onnxruntime's own dynamic quantization (see INT8_RECIPE). A file's name is
 a digest of the model identity and EXPORT_VERSION plus the precision, so a
 changed model is exported again. Files are written to a temporary name and
 renamed into place, so a process never opens half a file; a file that does
@@ -39,8 +41,6 @@ logger = logging.getLogger("semantic")
 #: computes: it is part of the file key and of the encoder fingerprint, so
 #: vectors made by an older recipe become stale.
 EXPORT_VERSION = 1
-#: The ``quantize`` values an alias may name (None: float32).
-QUANTIZATIONS = (None, "int8")
 #: onnxruntime.quantization.quantize_dynamic options of ``"int8"``. Weights
 #: int8 with one scale per output channel, activations uint8 per tensor,
 #: computed at run time; the fused Attention's QKV projection and the
@@ -62,7 +62,7 @@ ONNX_OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "token_embeddings"
 #: Modules that may follow the transformer: they run as the model's own
-#: torch modules on the pooled output. Anything else (a Router, CLIP, a
+#: torch modules on the token embeddings onnxruntime returns. Anything else (a Router, CLIP, a
 #: layer-weighted pooling that needs every hidden state) is refused.
 HEAD_MODULES = ("Pooling", "Dense", "Normalize")
 
@@ -204,7 +204,15 @@ def load(sentence_transformer, *, identity, quantize, directory, threads, alias)
     path = Path(directory) / f"{key}.onnx"
     session = _open(path, key, threads)
     if session is None:
-        _export(sentence_transformer, transformer, input_names, identity, quantize, Path(directory))
+        try:
+            _export(sentence_transformer, transformer, input_names, identity, quantize, Path(directory))
+        except ImproperlyConfigured:
+            raise
+        except Exception as exc:  # the exporter's and quantizer's errors have no common type
+            raise ImproperlyConfigured(
+                f"Model alias {alias!r} could not be exported to ONNX in {directory}: {type(exc).__name__}: {exc}. "
+                "Use 'backend': 'torch' for it, or set 'onnx_dir' to a writable directory."
+            ) from exc
         session = _open(path, key, threads)
         if session is None:
             raise ImproperlyConfigured(f"The ONNX export of model alias {alias!r} at {path} does not open.")

@@ -314,6 +314,14 @@ def test_a_model_with_modules_the_backend_cannot_run_is_refused_clearly(model_wi
     assert not onnx_dir.exists()
 
 
+def test_an_export_that_cannot_be_written_is_a_configuration_error(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with override_settings(SEMANTIC=models_setting(blocked=tiny(backend="onnx", onnx_dir=str(blocked)))):
+        with pytest.raises(ImproperlyConfigured, match="'blocked' could not be exported to ONNX in .*a-file: FileExistsError"):
+            get_encoder("blocked").model
+
+
 def test_an_onnx_dir_that_cannot_be_written_is_a_check_error(tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
