@@ -272,6 +272,54 @@ class OwnerCascade(models.BaseConstraint):
         return super().__eq__(other)
 
 
+class InlineStorage(models.BaseConstraint):
+    """``ALTER TABLE … ALTER COLUMN <field> SET STORAGE MAIN``: keep the column's values in the row.
+
+    pgvector's types default to EXTERNAL storage: a chunk row (a 384-dim
+    vector of 1.5 kB beside ~1.5 kB of text) passes PostgreSQL's 2 kB
+    threshold, so its vector went to the TOAST table and every distance a
+    scan computed fetched it from there (measured on the demo's chunk
+    table: an exact search 2-4x slower). MAIN keeps values in the row
+    unless the row cannot fit a page at all, when they still move out, so
+    no vector is ever refused. The text column stays EXTENDED and moves out
+    first. A Meta constraint so that migrations carry it: it has no
+    constraint of its own, only the statement, run after the table exists.
+    """
+
+    def __init__(self, *, field, name, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.field = field
+
+    def _statement(self, model, schema_editor, storage):
+        qn = schema_editor.quote_name
+        column = model._meta.get_field(self.field).column
+        return f"ALTER TABLE {qn(model._meta.db_table)} ALTER COLUMN {qn(column)} SET STORAGE {storage}"
+
+    def constraint_sql(self, model, schema_editor):
+        # Inside CREATE TABLE there is no place for it: after the table.
+        schema_editor.deferred_sql.append(self._statement(model, schema_editor, "MAIN"))
+        return None
+
+    def create_sql(self, model, schema_editor):
+        return self._statement(model, schema_editor, "MAIN")
+
+    def remove_sql(self, model, schema_editor):
+        return self._statement(model, schema_editor, "EXTERNAL")
+
+    def validate(self, model, instance, exclude=None, using=None):
+        return
+
+    def deconstruct(self):
+        path, args, kwargs = super().deconstruct()
+        kwargs["field"] = self.field
+        return path, args, kwargs
+
+    def __eq__(self, other):
+        if isinstance(other, InlineStorage):
+            return self.name == other.name and self.field == other.field
+        return super().__eq__(other)
+
+
 def chunk_model_name(owner, field_name):
     camel = "".join(part[:1].upper() + part[1:] for part in field_name.split("_") if part)
     return f"{owner.__name__}{camel}Chunk"
@@ -307,6 +355,7 @@ def make_chunk_model(field):
         constraints = [
             models.UniqueConstraint(fields=["owner", "index"], name=f"{short}_uniq"),
             OwnerCascade(field="owner", name=f"{short}_owner_fk"),
+            InlineStorage(field="embedding", name=f"{short}_inline"),
         ]
         indexes = [HnswIndex(name=f"{short}_hnsw", fields=["embedding"], opclasses=[opclass])]
 

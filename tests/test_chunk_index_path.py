@@ -192,3 +192,19 @@ def test_a_locking_search_by_chunk_locks_its_rows_only(corpus):
         elsewhere.execute(f'SELECT id FROM "{table}" WHERE id = %s FOR UPDATE NOWAIT', [other])
         with pytest.raises(psycopg.errors.LockNotAvailable):
             elsewhere.execute(f'SELECT id FROM "{table}" WHERE id = %s FOR UPDATE NOWAIT', [rows[0].pk])
+
+
+@pytest.mark.django_db
+def test_chunk_vectors_stay_in_the_row(corpus):
+    """The chunk table keeps its vectors inline (STORAGE MAIN), not in TOAST, however its migration created it."""
+    chunk_table = ChunkedPassage._meta.get_field("embedding").chunk_model._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT attstorage FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'embedding'", [chunk_table]
+        )
+        assert cursor.fetchone()[0] == "m"
+        # Nothing of the chunks' vectors went to the TOAST table.
+        cursor.execute(
+            "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE oid = %s::regclass", [chunk_table]
+        )
+        assert cursor.fetchone()[0] == 0

@@ -72,6 +72,8 @@ class SearchQuery(Query):
         mask = self.annotation_select_mask
         return (
             using,
+            # The class instances are made of (a proxy shares its concrete model's SQL, not its class).
+            self.model,
             shape.key,
             self.low_mark,
             self.high_mark,
