@@ -223,7 +223,33 @@ def weighted_mean(vectors, weights, normalize):
     return mean.astype(np.float32)
 
 
-class OwnerCascade(models.BaseConstraint):
+class FieldStatement(models.BaseConstraint):
+    """A Meta "constraint" that is really SQL about one field, so that migrations carry it.
+
+    Subclasses give the SQL; this base names the field and lets the
+    migration autodetector compare and serialise it.
+    """
+
+    def __init__(self, *, field, name, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.field = field
+
+    def validate(self, model, instance, exclude=None, using=None):
+        # Nothing to check in Python: the database does what the SQL says.
+        return
+
+    def deconstruct(self):
+        path, args, kwargs = super().deconstruct()
+        kwargs["field"] = self.field
+        return path, args, kwargs
+
+    def __eq__(self, other):
+        if type(other) is type(self):
+            return self.name == other.name and self.field == other.field
+        return super().__eq__(other)
+
+
+class OwnerCascade(FieldStatement):
     """``FOREIGN KEY (<field>) REFERENCES <owner> ON DELETE CASCADE``.
 
     Django 5.2 has no database-level ``on_delete`` (6.0 adds ``DB_CASCADE``),
@@ -232,10 +258,6 @@ class OwnerCascade(models.BaseConstraint):
     therefore has ``db_constraint=False`` and this constraint instead, so the
     database removes a row's chunks however the row is deleted.
     """
-
-    def __init__(self, *, field, name, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.field = field
 
     def _definition(self, model, schema_editor):
         qn = schema_editor.quote_name
@@ -257,22 +279,8 @@ class OwnerCascade(models.BaseConstraint):
         qn = schema_editor.quote_name
         return f"ALTER TABLE {qn(model._meta.db_table)} DROP CONSTRAINT {qn(self.name)}"
 
-    def validate(self, model, instance, exclude=None, using=None):
-        # The foreign key field validates the reference.
-        return
 
-    def deconstruct(self):
-        path, args, kwargs = super().deconstruct()
-        kwargs["field"] = self.field
-        return path, args, kwargs
-
-    def __eq__(self, other):
-        if isinstance(other, OwnerCascade):
-            return self.name == other.name and self.field == other.field
-        return super().__eq__(other)
-
-
-class InlineStorage(models.BaseConstraint):
+class InlineStorage(FieldStatement):
     """``ALTER TABLE … ALTER COLUMN <field> SET STORAGE MAIN``: keep the column's values in the row.
 
     pgvector's types default to EXTERNAL storage: a chunk row (a 384-dim
@@ -285,10 +293,6 @@ class InlineStorage(models.BaseConstraint):
     first. A Meta constraint so that migrations carry it: it has no
     constraint of its own, only the statement, run after the table exists.
     """
-
-    def __init__(self, *, field, name, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.field = field
 
     def _statement(self, model, schema_editor, storage):
         qn = schema_editor.quote_name
@@ -305,19 +309,6 @@ class InlineStorage(models.BaseConstraint):
 
     def remove_sql(self, model, schema_editor):
         return self._statement(model, schema_editor, "EXTERNAL")
-
-    def validate(self, model, instance, exclude=None, using=None):
-        return
-
-    def deconstruct(self):
-        path, args, kwargs = super().deconstruct()
-        kwargs["field"] = self.field
-        return path, args, kwargs
-
-    def __eq__(self, other):
-        if isinstance(other, InlineStorage):
-            return self.name == other.name and self.field == other.field
-        return super().__eq__(other)
 
 
 def chunk_model_name(owner, field_name):
