@@ -208,3 +208,15 @@ def test_chunk_vectors_stay_in_the_row(corpus):
             "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE oid = %s::regclass", [chunk_table]
         )
         assert cursor.fetchone()[0] == 0
+
+
+@pytest.mark.django_db
+def test_cached_plain_searches_of_values_give_each_query_its_own_rows(corpus):
+    ids, chunk_vectors = corpus
+    for query in QUERIES[5:8]:
+        search = ChunkedPassage.objects.nearest(query, k=K, exact=True).values_list("pk", "distance")
+        assert search.query.plain_key("default", True, False) is not None
+        expected, best = best_chunk_oracle(query, ids, chunk_vectors, K)
+        rows = list(search)
+        assert [pk for pk, _ in rows] == [pk for pk, _ in expected]
+        assert [distance for _, distance in rows] == pytest.approx([best[ids.index(pk)] for pk, _ in expected], abs=1e-5)

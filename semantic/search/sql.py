@@ -52,8 +52,8 @@ class SearchQuery(Query):
             or len(self.where.children) != shape.where_size
             or set(self.annotations) - BEST_CHUNK_ANNOTATIONS != shape.annotations
             or len(self.alias_map) != 1
-            or self.select
-            or not self.default_cols
+            # values()/values_list() of the table's own columns: the key has them.
+            or (self.select or not self.default_cols) and not self.values_select
             or self.select_related
             or self.extra
             or self.extra_tables
