@@ -187,3 +187,21 @@ def test_rows_of_a_batch_end_fresh_through_edits_clears_and_refills():
     notes[2].save()
     embed_batch(field())
     assert_fresh_with_its_chunks(notes[2])
+
+
+def test_split_many_splits_like_split_and_isolates_a_text_the_tokenizer_rejects():
+    chunker = Chunker(field().encoder, field().overlap)
+    texts = [prose(5, seed=50), prose(60, seed=51), "POISON " + prose(8, seed=52), prose(30, seed=53)]
+    real = chunker.tokenizer
+
+    def tokenizer(batch, **kwargs):
+        if any("POISON" in text for text in batch):
+            raise ValueError("cannot tokenize this")
+        return real(batch, **kwargs)
+
+    assert chunker.split_many([texts[0], texts[1], texts[3]]) == [chunker.split(text) for text in (texts[0], texts[1], texts[3])]
+    chunker.tokenizer = tokenizer
+    first, second, third, fourth = chunker.split_many(texts)
+    assert isinstance(third, ValueError)
+    chunker.tokenizer = real
+    assert [first, second, fourth] == [chunker.split(text) for text in (texts[0], texts[1], texts[3])]
