@@ -76,7 +76,8 @@ def check_embedding_status(app_configs=None, databases=None, **kwargs):
                         f"re-embedded: run the worker or semantic_reindex.",
                         hint=(
                             f"Model alias {field.model_alias!r} changed (model files, revision, prefix, "
-                            f"normalize, max_seq_length or chunking) since these rows were embedded."
+                            f"normalize, max_seq_length, backend or quantize, or chunking) since these rows "
+                            f"were embedded."
                         ),
                         obj=field,
                         id="semantic.W020",
