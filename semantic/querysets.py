@@ -287,7 +287,7 @@ class SemanticQuerySet(models.QuerySet):
     def iterator(self, chunk_size=None):
         if self._search_plan is None:
             yield from super().iterator(chunk_size=chunk_size)
-        elif self._search_plan.chunk_search is None:
+        elif self.query.chunk_search is None:
             yield from nearest.stream(self, lambda runner: super(SemanticQuerySet, runner).iterator(chunk_size=chunk_size))
         else:
             # A search by chunk may run twice (a short bounded scan) and

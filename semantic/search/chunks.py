@@ -141,6 +141,10 @@ class ChunkSearch:
         self.vector_literal = vector_literal
         self.unbounded = unbounded
 
+    def without_bound(self):
+        """The same search, its chunk scan not bounded by k (see the module docstring)."""
+        return ChunkSearch(self.chunk_model, self.metric, self.vector_literal, unbounded=True)
+
     def scan_limit(self, query):
         if self.unbounded or query.high_mark is None:
             return None

@@ -41,11 +41,9 @@ FLOAT = FloatField()
 class SearchPlan:
     """What a search QuerySet carries through its clones besides its SQL."""
 
-    def __init__(self, field, options, chunk_search):
+    def __init__(self, field, options):
         self.field = field
         self.options = options
-        # None when rows are compared by their own vector.
-        self.chunk_search = chunk_search
 
 
 class SearchShape:
@@ -111,9 +109,8 @@ def build(queryset, vector, field, *, k, min_score, options):
     # Vectors made under another encoder configuration live in another
     # space: until the worker re-embeds them, they are left out.
     add_searchable(query, field)
-    chunk_search = None
     if by_chunk:
-        chunk_search = query.chunk_search = ChunkSearch(field.chunk_model, metric, literal)
+        query.chunk_search = ChunkSearch(field.chunk_model, metric, literal)
         distance = best_column("distance")
         query.add_annotation(best_column("id"), "best_chunk_id")
     else:
@@ -134,7 +131,7 @@ def build(queryset, vector, field, *, k, min_score, options):
         query.set_limits(high=k)
     key = (field.model, field.name, field.fingerprint, by_chunk, max_distance)
     query.search_shape = SearchShape(key, unfiltered, len(query.where.children), query.annotations)
-    searched._search_plan = SearchPlan(field, options, chunk_search)
+    searched._search_plan = SearchPlan(field, options)
     return searched
 
 
@@ -147,33 +144,35 @@ def index_settings(queryset):
     """The settings ``queryset`` (a search) runs under; may ask the planner (see SearchOptions)."""
     plan = queryset._search_plan
     query = queryset.query
+    chunk_search = query.chunk_search
 
     def estimate_scan():
         model = plan.field.model
-        shape = query.search_shape
-        if shape.unfiltered and len(query.where.children) == shape.where_size and len(query.alias_map) <= 1:
+        if query.is_unfiltered():
             rows = table_rows(queryset.db, model)
         else:
             rows = planned_rows(queryset.db, row_filters(query))
-        chunk_model = plan.chunk_search.chunk_model if plan.chunk_search else None
-        return scan_estimate(rows, queryset.db, model, chunk_model)
+        return scan_estimate(rows, queryset.db, model, chunk_search and chunk_search.chunk_model)
 
     limit = query.high_mark
-    scan_rows = limit * CHUNKS_PER_RESULT if plan.chunk_search is not None and limit is not None else limit
+    scan_rows = limit * CHUNKS_PER_RESULT if chunk_search is not None and limit is not None else limit
     return plan.options.index_settings(limit, estimate_scan, scan_rows)
+
+
+def applied_settings(queryset):
+    """A context manager running its block under ``queryset``'s index settings (semantic.search.session)."""
+    return search_settings(queryset.db, index_settings(queryset), keeps_locks=bool(queryset.query.select_for_update))
 
 
 def run(queryset, action):
     """``action(queryset)`` under the search's index settings."""
-    values = index_settings(queryset)
-    with search_settings(queryset.db, values, keeps_locks=bool(queryset.query.select_for_update)):
+    with applied_settings(queryset):
         return action(queryset)
 
 
 def stream(queryset, iterate):
     """Yield ``iterate(queryset)``'s rows under the search's index settings."""
-    values = index_settings(queryset)
-    with search_settings(queryset.db, values, keeps_locks=bool(queryset.query.select_for_update)):
+    with applied_settings(queryset):
         yield from iterate(queryset)
 
 
@@ -184,28 +183,24 @@ def fetch(queryset, fetch_all):
     same statement). A bounded chunk scan that found fewer than k rows runs
     again unbounded (see semantic.search.chunks).
     """
-    plan = queryset._search_plan
+    chunk_search = queryset.query.chunk_search
     instances = queryset._iterable_class is models.query.ModelIterable
     runner = queryset._chain()
-    if plan.chunk_search is not None and instances:
+    if chunk_search is not None and instances:
         add_best_chunk_columns(runner.query)
-    values = index_settings(runner)
-    keeps_locks = bool(runner.query.select_for_update)
-    with search_settings(runner.db, values, keeps_locks=keeps_locks):
+    with applied_settings(runner):
         rows = fetch_all(runner)
         limit = runner.query.high_mark
-        if plan.chunk_search is not None and limit is not None and len(rows) < limit - runner.query.low_mark:
+        if chunk_search is not None and limit is not None and len(rows) < limit - runner.query.low_mark:
             runner = runner._chain()
-            runner.query.chunk_search = ChunkSearch(
-                plan.chunk_search.chunk_model, plan.chunk_search.metric, plan.chunk_search.vector_literal, unbounded=True
-            )
+            runner.query.chunk_search = chunk_search.without_bound()
             rows = fetch_all(runner)
-    if plan.chunk_search is None and queryset.query.order_by == ("distance",) and rows:
+    if chunk_search is None and queryset.query.order_by == ("distance",) and rows:
         # Relaxed-order iterative scans may return neighbours slightly out
         # of order; the rows are right, so sort them here.
         sort_by_distance(rows, queryset._fields)
-    if plan.chunk_search is not None and instances:
-        attach_best_chunks(rows, plan.chunk_search.chunk_model, runner.db)
+    if chunk_search is not None and instances:
+        attach_best_chunks(rows, chunk_search.chunk_model, runner.db)
     return rows, runner
 
 

@@ -43,15 +43,17 @@ class SearchQuery(Query):
         compiler.__class__ = search_compiler(type(compiler))
         return compiler
 
+    def is_unfiltered(self):
+        """Whether the search runs over every row of its table: built unfiltered, and nothing filtered or joined since."""
+        shape = self.search_shape
+        return shape is not None and shape.unfiltered and len(self.where.children) == shape.where_size and len(self.alias_map) <= 1
+
     def plain_key(self, using, with_limits, with_col_aliases):
         """A key for the compiled SQL of this query, or None when it is not a plain search."""
         shape = self.search_shape
         if (
-            shape is None
-            or not shape.unfiltered
-            or len(self.where.children) != shape.where_size
+            not self.is_unfiltered()
             or set(self.annotations) - BEST_CHUNK_ANNOTATIONS != shape.annotations
-            or len(self.alias_map) != 1
             # values()/values_list() of the table's own columns: the key has them.
             or (self.select or not self.default_cols) and not self.values_select
             or self.select_related
