@@ -396,9 +396,10 @@ def _ranker(mode, queryset, field, id_field, depth, candidates, text_fields):
 
 
 def _fulltext_ranker(queryset, field, id_field, depth, text_fields, any_word=False):
-    from django.contrib.postgres.search import SearchQuery, SearchRank
+    from django.contrib.postgres.search import SearchQuery
 
     from semantic.conf import semantic_settings
+    from semantic.search.hybrid import text_ranking
 
     config = semantic_settings.HYBRID_TEXT_CONFIG
     document = _text_document(field, text_fields)
@@ -409,14 +410,7 @@ def _fulltext_ranker(queryset, field, id_field, depth, text_fields, any_word=Fal
             # other operator can slip in from the query.
             query = " or ".join(re.findall(r"\w+", query)) or query
         search_query = SearchQuery(query, search_type="websearch", config=config)
-        rows = (
-            queryset.annotate(_document=document)
-            .filter(_document=search_query)
-            .annotate(_text_rank=SearchRank(document, search_query, cover_density=True))
-            .order_by("-_text_rank", "pk")
-            .values_list(id_field, flat=True)[:depth]
-        )
-        return list(rows)
+        return list(text_ranking(queryset, document, search_query).values_list(id_field, flat=True)[:depth])
 
     return rank
 

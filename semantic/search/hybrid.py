@@ -38,6 +38,19 @@ def text_search_document(field, text_fields=None, config=None):
     return SearchVector(*text_fields, config=config or semantic_settings.HYBRID_TEXT_CONFIG)
 
 
+def text_ranking(queryset, document, search_query):
+    """``queryset``'s rows that match ``search_query`` (a SearchQuery) in ``document``, best first.
+
+    Ranked by ``ts_rank_cd`` (annotated as ``_text_rank``), ties by primary key.
+    """
+    return (
+        queryset.annotate(_document=document)
+        .filter(_document=search_query)
+        .annotate(_text_rank=SearchRank(document, search_query, cover_density=True))
+        .order_by("-_text_rank", "pk")
+    )
+
+
 # Each ranking numbered by row_number(), joined on the primary key; a row
 # missing from one ranking adds nothing for it.
 FUSION_SQL = (
@@ -62,14 +75,7 @@ def hybrid_search(queryset, by_vector, query, field, *, k, text_fields, weights,
     config = config or semantic_settings.HYBRID_TEXT_CONFIG
     document = text_search_document(field, text_fields, config)
     search_query = SearchQuery(query, search_type="websearch", config=config)
-    by_text = (
-        queryset.annotate(_document=document)
-        .filter(_document=search_query)
-        .annotate(_text_rank=SearchRank(document, search_query, cover_density=True))
-        .order_by("-_text_rank", "pk")
-    )
-    by_text.query.clear_limits()
-    by_text = by_text[:candidates]
+    by_text = text_ranking(queryset, document, search_query)[:candidates]
     values = by_vector.search_settings()
     vector_sql, vector_params = by_vector.values("pk", "distance").query.sql_with_params()
     text_sql, text_params = by_text.values("pk", "_text_rank").query.sql_with_params()
