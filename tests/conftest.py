@@ -145,6 +145,33 @@ def store_as_fresh(rows, vectors):
     model._base_manager.bulk_update(rows, [field.attname, field.vector_hash_attname], batch_size=1000)
 
 
+def store_chunks(rows, chunk_vectors):
+    """Give saved rows of a chunked field known chunk vectors (``chunk_vectors[i]`` for ``rows[i]``), then ANALYZE.
+
+    Chunk i of a row gets text ``"<pk>#<i>"``. The planner statistics are
+    refreshed, and semantic's cached copies of them dropped, so searches see
+    the tables as loaded.
+    """
+    from django.db import connection
+
+    from semantic.search import estimates
+
+    model = type(rows[0])
+    chunk_model = model._meta.get_field("embedding").chunk_model
+    chunk_model.objects.bulk_create(
+        [
+            chunk_model(owner=row, index=i, start=i, end=i + 1, text=f"{row.pk}#{i}", text_hash=f"chunk-{row.pk}-{i}", embedding=vector)
+            for row, vectors in zip(rows, chunk_vectors)
+            for i, vector in enumerate(vectors)
+        ],
+        batch_size=2000,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {model._meta.db_table}")
+        cursor.execute(f"ANALYZE {chunk_model._meta.db_table}")
+    estimates.forget_table_statistics()
+
+
 def run_admin_action(action, queryset):
     """Run the SemanticAdminMixin action ``action`` on ``queryset``, as the changelist does."""
     from django.contrib import admin

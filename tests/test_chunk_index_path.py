@@ -13,9 +13,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from semantic.search import estimates
 from semantic.search.sql import SearchQuery
-from tests.conftest import store_as_fresh
+from tests.conftest import store_as_fresh, store_chunks
 from tests.searchapp.models import ChunkedPassage
 
 ROWS = 2000
@@ -38,23 +37,6 @@ def make_corpus(seed=11):
     return chunks
 
 
-def insert_chunks(rows, chunk_vectors):
-    field = ChunkedPassage._meta.get_field("embedding")
-    Chunk = field.chunk_model
-    Chunk.objects.bulk_create(
-        [
-            Chunk(owner=row, index=i, start=i, end=i + 1, text=f"{row.pk}#{i}", text_hash=f"chunk-{row.pk}-{i}", embedding=vector)
-            for row, vectors in zip(rows, chunk_vectors)
-            for i, vector in enumerate(vectors)
-        ],
-        batch_size=2000,
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(f"ANALYZE {ChunkedPassage._meta.db_table}")
-        cursor.execute(f"ANALYZE {Chunk._meta.db_table}")
-    estimates.forget_table_statistics()
-
-
 @pytest.fixture(scope="module")
 def corpus(django_db_setup, django_db_blocker):
     chunk_vectors = make_corpus()
@@ -63,7 +45,7 @@ def corpus(django_db_setup, django_db_blocker):
             [ChunkedPassage(text=f"passage {i}", bucket=i % BUCKETS) for i in range(ROWS)], batch_size=2000
         )
         store_as_fresh(rows, unit(chunk_vectors.mean(axis=1)))
-        insert_chunks(rows, chunk_vectors)
+        store_chunks(rows, chunk_vectors)
         yield [row.pk for row in rows], chunk_vectors
         ChunkedPassage.objects.all().delete()
 
@@ -131,7 +113,7 @@ def test_rows_whose_chunks_crowd_the_scan_still_come_k_distinct(corpus):
     crowd = ChunkedPassage.objects.bulk_create([ChunkedPassage(text=f"crowd {i}", bucket=BUCKETS) for i in range(3)])
     crowd_chunks = unit(query + 0.01 * rng.normal(size=(3, 60, DIMENSIONS)))
     store_as_fresh(crowd, unit(crowd_chunks.mean(axis=1)))
-    insert_chunks(crowd, crowd_chunks)
+    store_chunks(crowd, crowd_chunks)
     ids, chunk_vectors = corpus
     expected, _ = best_chunk_oracle(query, ids, chunk_vectors, K - 3)
     for exact in (True, False):

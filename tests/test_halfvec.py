@@ -27,7 +27,7 @@ from pgvector.django import HnswIndex, IvfflatIndex, VectorField
 from semantic import EmbeddingField
 from semantic.chunking import Chunker, weighted_mean
 from semantic.worker import embed_stale_rows
-from tests.conftest import store_as_fresh
+from tests.conftest import store_as_fresh, store_chunks
 from tests.searchapp.models import HalfChunkedPassage, HalfPassage, Passage
 from tests.test_read_path import clustered_vectors, load_fresh_rows
 
@@ -240,24 +240,12 @@ def chunked(django_db_setup, django_db_blocker):
     centres = clustered_vectors(CHUNKED_ROWS, DIMENSIONS, seed=29)
     chunk_vectors = centres[:, None, :] + 0.6 * rng.normal(size=(CHUNKED_ROWS, CHUNKS, DIMENSIONS)).astype(np.float32)
     chunk_vectors /= np.linalg.norm(chunk_vectors, axis=-1, keepdims=True)
-    field = HalfChunkedPassage._meta.get_field("embedding")
-    Chunk = field.chunk_model
     with django_db_blocker.unblock():
         rows = HalfChunkedPassage.objects.bulk_create(
             [HalfChunkedPassage(text=f"passage {i}", bucket=i % BUCKETS) for i in range(CHUNKED_ROWS)], batch_size=2000
         )
         store_as_fresh(rows, chunk_vectors.mean(axis=1))
-        Chunk.objects.bulk_create(
-            [
-                Chunk(owner=row, index=i, start=i, end=i + 1, text=f"{row.pk}#{i}", text_hash=f"chunk-{row.pk}-{i}", embedding=vector)
-                for row, vectors in zip(rows, chunk_vectors)
-                for i, vector in enumerate(vectors)
-            ],
-            batch_size=2000,
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(f"ANALYZE {HalfChunkedPassage._meta.db_table}")
-            cursor.execute(f"ANALYZE {Chunk._meta.db_table}")
+        store_chunks(rows, chunk_vectors)
         yield [row.pk for row in rows], chunk_vectors
         HalfChunkedPassage.objects.all().delete()
 
