@@ -60,8 +60,8 @@ def load_half(connection, log):
     # Same encoder, unchunked: the rows' hashes are valid in both tables.
     assert vector_field.fingerprint == half_field.fingerprint
     source, target = Headline._meta.db_table, HalfHeadline._meta.db_table
-    with loader(connection) as db:
-        index = hnsw_index(db, target)
+    with read_path.loader(connection) as db:
+        index = read_path.hnsw_index(db, target)
         db.execute(f'DROP INDEX "{index[0]}"')
         start = time.perf_counter()
         db.execute(
@@ -75,27 +75,9 @@ def load_half(connection, log):
     return index
 
 
-def loader(connection):
-    """A psycopg connection of its own to the test database (autocommit), like read_path's loader."""
-    import psycopg
-
-    settings = connection.settings_dict
-    return psycopg.connect(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"], port=settings["PORT"] or None,
-        password=settings["PASSWORD"] or None, autocommit=True,
-    )
-
-
-def hnsw_index(db, table):
-    """(name, definition) of ``table``'s HNSW index (None when it has none)."""
-    return db.execute(
-        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s AND indexdef ILIKE '%%USING hnsw%%'", [table]
-    ).fetchone() or (None, None)
-
-
 def build_index(db, table, definition):
     """Drop ``table``'s HNSW index if present, build ``definition``; seconds taken by the build."""
-    current, _ = hnsw_index(db, table)
+    current, _ = read_path.hnsw_index(db, table)
     if current:
         db.execute(f'DROP INDEX "{current}"')
     db.execute(f"SET maintenance_work_mem = '{MAINTENANCE_WORK_MEM}'")
@@ -204,7 +186,7 @@ def run(args, log, connection):
     # (name, definition) of each table's HNSW index, as its migration made it.
     indexes = {"vector": (Headline._meta.indexes[0].name, load["index_def"]), "halfvec": load_half(connection, log)}
     # Alternating builds: vector (in load_rows), halfvec, vector, halfvec, ...
-    with loader(connection) as db:
+    with read_path.loader(connection) as db:
         for name in ["halfvec"] + ["vector", "halfvec"] * (args.builds - 1):
             builds[name].append(build_index(db, tables[name], indexes[name][1]))
             log(f"HNSW build {name} ({indexes[name][1].split(' USING ')[1]}): {builds[name][-1]:.1f} s")

@@ -94,11 +94,29 @@ def short_texts(count, seed):
     return [" ".join(rng.choice(WORDS, size=n)) for n in lengths]
 
 
-def load_rows(connection, vectors, titles, log):
-    """COPY the rows into searchapp_headline (binary, fresh hashes), then build the indexes."""
+def loader(connection):
+    """A psycopg connection of its own to ``connection``'s database (autocommit, pgvector types registered), for COPY and DDL."""
     import psycopg
     from pgvector.psycopg import register_vector
 
+    settings = connection.settings_dict
+    db = psycopg.connect(
+        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"], port=settings["PORT"] or None,
+        password=settings["PASSWORD"] or None, autocommit=True,
+    )
+    register_vector(db)
+    return db
+
+
+def hnsw_index(db, table):
+    """(name, definition) of ``table``'s HNSW index ((None, None) when it has none)."""
+    return db.execute(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s AND indexdef ILIKE '%%USING hnsw%%'", [table]
+    ).fetchone() or (None, None)
+
+
+def load_rows(connection, vectors, titles, log):
+    """COPY the rows into searchapp_headline (binary, fresh hashes), then build the indexes."""
     from tests.searchapp.models import Headline
 
     field = Headline._meta.get_field("embedding")
@@ -107,21 +125,13 @@ def load_rows(connection, vectors, titles, log):
     hashes = [field.compute_source_hash(Headline(title=title)) for title in titles]
     log(f"hashes: {time.perf_counter() - start:.1f} s")
 
-    settings = connection.settings_dict
-    with psycopg.connect(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"], port=settings["PORT"] or None,
-        password=settings["PASSWORD"] or None, autocommit=True,
-    ) as loader:
-        register_vector(loader)
-        index_def = loader.execute(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s AND indexdef ILIKE '%%USING hnsw%%'",
-            [table],
-        ).fetchone()
-        assert index_def, f"no HNSW index on {table}"
+    with loader(connection) as db:
+        index_def = hnsw_index(db, table)
+        assert index_def[0], f"no HNSW index on {table}"
         # An HNSW index is built far faster in one go than row by row.
-        loader.execute(f'DROP INDEX "{index_def[0]}"')
+        db.execute(f'DROP INDEX "{index_def[0]}"')
         start = time.perf_counter()
-        with loader.cursor() as cursor:
+        with db.cursor() as cursor:
             with cursor.copy(
                 f'COPY "{table}" (id, title, topic, embedding, embedding_source_hash, embedding_vector_hash) '
                 "FROM STDIN WITH (FORMAT BINARY)"
@@ -129,17 +139,17 @@ def load_rows(connection, vectors, titles, log):
                 copy.set_types(["int8", "varchar", "varchar", "vector", "varchar", "varchar"])
                 for i, (vector, title, row_hash) in enumerate(zip(vectors, titles, hashes)):
                     copy.write_row((i + 1, title, f"{i % BUCKETS:03d}", vector, row_hash, row_hash))
-        loader.execute(f"SELECT setval(pg_get_serial_sequence('\"{table}\"', 'id'), %s)", [len(vectors)])
+        db.execute(f"SELECT setval(pg_get_serial_sequence('\"{table}\"', 'id'), %s)", [len(vectors)])
         copy_seconds = time.perf_counter() - start
         log(f"COPY {len(vectors)} rows: {copy_seconds:.1f} s")
         start = time.perf_counter()
-        loader.execute("SET maintenance_work_mem = '1GB'")
-        loader.execute(index_def[1])
+        db.execute("SET maintenance_work_mem = '1GB'")
+        db.execute(index_def[1])
         hnsw_seconds = time.perf_counter() - start
         log(f"HNSW build ({index_def[1].split(' USING ')[1]}): {hnsw_seconds:.1f} s")
-        loader.execute(f'CREATE INDEX bench_headline_topic ON "{table}" (topic)')
-        loader.execute(f'VACUUM ANALYZE "{table}"')
-        size = loader.execute(
+        db.execute(f'CREATE INDEX bench_headline_topic ON "{table}" (topic)')
+        db.execute(f'VACUUM ANALYZE "{table}"')
+        size = db.execute(
             "SELECT pg_size_pretty(pg_table_size(%s::regclass)), pg_size_pretty(pg_relation_size(%s::regclass))",
             [table, index_def[0]],
         ).fetchone()
@@ -181,9 +191,6 @@ def chunked_vectors(documents, seed, chunks_per_document=(2, 6)):
 
 def load_chunked(connection, owners, positions, vectors, log):
     """COPY documents and their chunks into testapp's ChunkedHeadline, then build the chunk table's HNSW index."""
-    import psycopg
-    from pgvector.psycopg import register_vector
-
     from tests.testapp.models import ChunkedHeadline
 
     field = ChunkedHeadline._meta.get_field("embedding")
@@ -194,18 +201,11 @@ def load_chunked(connection, owners, positions, vectors, log):
     row_vectors = np.zeros((documents, DIMENSIONS), dtype=np.float32)
     np.add.at(row_vectors, owners, vectors)
     row_vectors /= np.linalg.norm(row_vectors, axis=1, keepdims=True)
-    settings = connection.settings_dict
-    with psycopg.connect(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"], port=settings["PORT"] or None,
-        password=settings["PASSWORD"] or None, autocommit=True,
-    ) as loader:
-        register_vector(loader)
-        index_def = loader.execute(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s AND indexdef ILIKE '%%USING hnsw%%'", [chunk_table]
-        ).fetchone()
-        loader.execute(f'DROP INDEX "{index_def[0]}"')
+    with loader(connection) as db:
+        index_def = hnsw_index(db, chunk_table)
+        db.execute(f'DROP INDEX "{index_def[0]}"')
         start = time.perf_counter()
-        with loader.cursor() as cursor:
+        with db.cursor() as cursor:
             with cursor.copy(
                 f'COPY "{table}" (id, title, topic, embedding, embedding_source_hash, embedding_vector_hash) FROM STDIN WITH (FORMAT BINARY)'
             ) as copy:
@@ -220,15 +220,15 @@ def load_chunked(connection, owners, positions, vectors, log):
                     copy.write_row((int(owner) + 1, int(position), 0, 1, f"chunk {position}", f"bench-{owner}-{position}", vector))
         copy_seconds = time.perf_counter() - start
         log(f"COPY {documents} documents, {len(owners)} chunks: {copy_seconds:.1f} s")
-        loader.execute("SET maintenance_work_mem = '2GB'")
+        db.execute("SET maintenance_work_mem = '2GB'")
         start = time.perf_counter()
-        loader.execute(index_def[1])
+        db.execute(index_def[1])
         hnsw_seconds = time.perf_counter() - start
         log(f"chunk HNSW build: {hnsw_seconds:.1f} s")
-        loader.execute(f'CREATE INDEX bench_chunked_topic ON "{table}" (topic)')
-        loader.execute(f'VACUUM ANALYZE "{table}"')
-        loader.execute(f'VACUUM ANALYZE "{chunk_table}"')
-        sizes = loader.execute(
+        db.execute(f'CREATE INDEX bench_chunked_topic ON "{table}" (topic)')
+        db.execute(f'VACUUM ANALYZE "{table}"')
+        db.execute(f'VACUUM ANALYZE "{chunk_table}"')
+        sizes = db.execute(
             "SELECT pg_size_pretty(pg_table_size(%s::regclass)), pg_size_pretty(pg_relation_size(%s::regclass))",
             [chunk_table, index_def[0]],
         ).fetchone()
