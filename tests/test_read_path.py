@@ -250,3 +250,41 @@ def test_vectors_of_another_encoder_configuration_are_left_out(passages):
     )
     assert ids[7] not in [r.pk for r in Passage.objects.nearest(query, k=3, exact=True)]
     assert ids[7] not in [r.pk for r in Passage.objects.nearest(query, k=3, exact=False)]
+
+
+@pytest.mark.django_db
+def test_searches_built_from_one_template_keep_their_own_vectors(passages):
+    """Each search's annotations carry its own query vector (they are copied from one resolved template per field).
+
+    Checked where two searches meet in one statement: the rows nearest to
+    one vector, re-ranked by another, equal the oracle of the second over
+    the first's rows; and an annotation of one search is not equal to the
+    other's.
+    """
+    ids, vectors = passages
+    first, second = query_vector(40), query_vector(41)
+    nearest_first = Passage.objects.nearest(first, k=50, exact=True)
+    first_ids, _ = oracle(first, ids, vectors, 50)
+    assert [row.pk for row in nearest_first] == first_ids
+
+    reranked = Passage.objects.filter(pk__in=nearest_first.values("pk")).nearest(second, k=10, exact=True)
+    keep = np.isin(ids, first_ids)
+    expected, scores = oracle(second, ids, vectors, 10, keep=keep)
+    rows = list(reranked)
+    assert [row.pk for row in rows] == expected
+    assert [row.score for row in rows] == pytest.approx(scores, abs=1e-5)
+
+    one, other = (Passage.objects.nearest(vector, k=10).query.annotations["distance"] for vector in (first, second))
+    assert one != other
+    assert one == Passage.objects.nearest(first, k=10).query.annotations["distance"]
+
+
+@pytest.mark.django_db
+def test_a_search_after_values_adds_its_annotations_to_the_values(passages):
+    ids, vectors = passages
+    query = query_vector(42)
+    expected, scores = oracle(query, ids, vectors, 3)
+    rows = list(Passage.objects.values("pk").nearest(query, k=3, exact=True))
+    assert [set(row) for row in rows] == [{"pk", "distance", "score"}] * 3
+    assert [row["pk"] for row in rows] == expected
+    assert [row["score"] for row in rows] == pytest.approx(scores, abs=1e-5)

@@ -13,11 +13,13 @@ estimate of what an exact scan would compare (semantic.search.estimates).
 import functools
 
 from django.core.exceptions import FieldError, ImproperlyConfigured
+from django.core.signals import setting_changed
 from django.db import models
 from django.db.models import F, FloatField, Q, Value
 from django.db.models.sql.query import Query
 from django.db.models.sql.where import AND
 
+from semantic.conf import SETTING_NAME
 from semantic.distances import get_metric, vector_literal
 from semantic.search.chunks import (
     CHUNKS_PER_RESULT,
@@ -63,27 +65,93 @@ class SearchShape:
         self.annotations = frozenset(annotations)
 
 
+# Resolving expressions costs a few hundred microseconds on every search,
+# about what PostgreSQL takes for a small index scan. What a search adds
+# depends only on the model, the field and the metric (the query vector
+# aside), and names only the base table's columns: it is resolved once and
+# copied per search (a copy is relabelled, never changed in place).
+RESOLVED_CACHE_SIZE = 256
 _searchable_nodes = {}
+_annotation_templates = {}
 
 
 def add_searchable(query, field):
-    """Add searchable_q(field) to ``query``'s WHERE, resolved once per model and condition.
+    """Add searchable_q(field) to ``query``'s WHERE, resolved once per field while SEMANTIC stays the same.
 
-    Resolving a Q costs a few hundred microseconds, on every search; the
-    resolved node only names the base table's columns, so a copy of it
-    serves every query of the model (relabelling copies, never changes it).
+    (The condition names the field's fingerprint and the attempt limit, both
+    from the settings; hashing the Q to key the cache cost as much as
+    resolving it.)
     """
-    condition = searchable_q(field)
-    key = (field.model, condition)
+    key = (field.model, field.name)
     node = _searchable_nodes.get(key)
     if node is None:
         probe = Query(field.model)
-        probe.add_q(condition)
-        node = _searchable_nodes[key] = probe.where
-        if len(_searchable_nodes) > 256:
-            _searchable_nodes.clear()
+        probe.add_q(searchable_q(field))
+        node = _remember(_searchable_nodes, key, probe.where)
     query.get_initial_alias()
     query.where.add(node.clone(), AND)
+
+
+class _QueryVectorSlot(Value):
+    """Where the query vector goes in a resolved annotation template."""
+
+
+def add_search_annotations(query, field, metric, by_chunk, literal):
+    """Annotate ``distance`` and ``score`` (and ``best_chunk_id`` by chunk), as add_annotation would.
+
+    The resolved expressions come from a template per model, field, metric
+    and kind; only the query vector's Value is new.
+    """
+    key = (field.model, field.name, metric.name, by_chunk)
+    template = _annotation_templates.get(key)
+    if template is None:
+        probe = Query(field.model)
+        if by_chunk:
+            probe.add_annotation(best_column("id"), "best_chunk_id")
+            distance = best_column("distance")
+        else:
+            distance = SearchColumn(metric.distance(field.name, _QueryVectorSlot(None)), output_field=FLOAT)
+        probe.add_annotation(distance, "distance")
+        probe.add_annotation(SearchColumn(metric.score(F("distance")), output_field=FLOAT), "score")
+        template = _remember(_annotation_templates, key, dict(probe.annotations))
+    vector = Value(literal)
+    for alias, expression in template.items():
+        # Query.add_annotation(select=True), less the resolving.
+        query.check_alias(alias)
+        query.append_annotation_mask([alias])
+        query.annotations[alias] = _with_vector(expression, vector)
+        if query.selected:
+            query.selected[alias] = alias
+
+
+def _with_vector(expression, vector):
+    """A copy of ``expression`` (a resolved template) with ``vector`` in its query-vector slot."""
+    if isinstance(expression, _QueryVectorSlot):
+        return vector
+    sources = expression.get_source_expressions()
+    if not sources:
+        return expression  # leaves are shared, as Query.clone() shares annotations: never changed in place
+    copy = expression.copy()
+    # Expressions compare by ``identity``, made of their constructor's
+    # arguments: the copy's would still name the template's slot.
+    copy.__dict__["identity"] = (expression.identity, vector.identity)
+    copy.set_source_expressions([None if source is None else _with_vector(source, vector) for source in sources])
+    return copy
+
+
+def _settings_changed(*, setting, **kwargs):
+    if setting == SETTING_NAME:
+        _searchable_nodes.clear()
+
+
+setting_changed.connect(_settings_changed)
+
+
+def _remember(cache, key, value):
+    if len(cache) >= RESOLVED_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def build(queryset, vector, field, *, k, min_score, options):
@@ -111,12 +179,7 @@ def build(queryset, vector, field, *, k, min_score, options):
     add_searchable(query, field)
     if by_chunk:
         query.chunk_search = ChunkSearch(field.chunk_model, metric, literal)
-        distance = best_column("distance")
-        query.add_annotation(best_column("id"), "best_chunk_id")
-    else:
-        distance = SearchColumn(metric.distance(field.name, Value(literal)), output_field=FLOAT)
-    query.add_annotation(distance, "distance")
-    query.add_annotation(SearchColumn(metric.score(F("distance")), output_field=FLOAT), "score")
+    add_search_annotations(query, field, metric, by_chunk, literal)
     max_distance = None
     if min_score is not None:
         max_distance = metric.max_distance(min_score)
