@@ -8,8 +8,9 @@ SemanticManager, run a Celery worker, and search with
 
 from semantic.fields import EmbeddingField
 from semantic.querysets import SemanticManager, SemanticQuerySet
+from semantic.tables import FillFactor
 
-__all__ = ["EmbeddingField", "SemanticManager", "SemanticQuerySet", "SemanticAdminMixin", "EmbeddingStatusFilter"]
+__all__ = ["EmbeddingField", "FillFactor", "SemanticManager", "SemanticQuerySet", "SemanticAdminMixin", "EmbeddingStatusFilter"]
 
 # The admin names load django.contrib.admin: only when asked for, so that
 # importing semantic (while apps load, or without the admin) stays light.
