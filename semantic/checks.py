@@ -40,6 +40,33 @@ def check_settings(app_configs=None, **kwargs):
     return errors
 
 
+@checks.register("semantic")
+def check_caches(app_configs=None, **kwargs):
+    """semantic.E014: the cache aliases name Redis caches (see semantic.cache: raw bytes, never pickle)."""
+    from django.conf import settings
+
+    from semantic.cache import is_supported
+
+    errors = []
+    for name in ("CACHE_ALIAS", "QUERY_CACHE_ALIAS"):
+        alias = getattr(semantic_settings, name)
+        if alias is None:
+            continue
+        if alias not in settings.CACHES:
+            errors.append(checks.Error(f"SEMANTIC[{name!r}] is {alias!r}, which is not in CACHES.", id="semantic.E014"))
+        elif not is_supported(alias):
+            errors.append(
+                checks.Error(
+                    f"SEMANTIC[{name!r}] names cache {alias!r}, a {settings.CACHES[alias]['BACKEND']}: its values are pickled, "
+                    "so whoever can write to it could run code in this process.",
+                    hint="Point it at a django.core.cache.backends.redis.RedisCache alias (semantic stores raw bytes there), "
+                    "or set it to None to run without a cache.",
+                    id="semantic.E014",
+                )
+            )
+    return errors
+
+
 def _positive_int(value):
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 

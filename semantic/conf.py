@@ -40,11 +40,17 @@ DEFAULTS = {
     # Encode in half precision on CUDA: about twice the throughput, and
     # cosine rankings are unchanged to ~3 decimals.
     "CUDA_FP16": True,
-    # Django cache alias for the hashed-text embedding cache and for the
-    # short-lived keys that coalesce wake-ups; None disables both.
+    # Django cache alias (a RedisCache: semantic.cache stores raw bytes there,
+    # never pickles) for the hashed-text embedding cache, its counters and the
+    # short-lived keys that coalesce wake-ups; None disables them all.
     "CACHE_ALIAS": "default",
     # Seconds a cached embedding lives. None keeps it until evicted.
     "CACHE_TIMEOUT": 60 * 60 * 24 * 30,
+    # Query vectors (texts visitors choose) in a key space of their own, on
+    # this alias (None: CACHE_ALIAS), for this many seconds. Give the Redis a
+    # maxmemory and maxmemory-policy volatile-lru to bound both caches.
+    "QUERY_CACHE_ALIAS": None,
+    "QUERY_CACHE_TIMEOUT": 60 * 60,
     # Celery queue that carries embedding work, so GPU workers can consume
     # only it (``celery worker -Q semantic``).
     "QUEUE": "semantic",

@@ -63,16 +63,14 @@ def enqueue_embedding(model, field_name, using="default", *, force=False):
     cache, as long as its settings' timeouts say). Returns whether a task
     was sent.
     """
-    key = wake_key(model, field_name, using)
-    cache = embedding_cache.get_cache()
     claimed_key = False
-    if cache is not None and not force:
+    if not force:
         try:
-            claimed_key = cache.add(key, 1, timeout=semantic_settings.COALESCE_SECONDS)
+            claimed_key = embedding_cache.add_flag(wake_key(model, field_name, using), semantic_settings.COALESCE_SECONDS)
         except Exception:
             logger.warning("semantic: cache unreachable; enqueueing without coalescing", exc_info=True)
         else:
-            if not claimed_key:
+            if claimed_key is False:
                 return False
     try:
         publish_wake_up((model._meta.label, field_name, using))
@@ -121,10 +119,7 @@ def publish_wake_up(args):
 
 def release_wake_key(model, field_name, using):
     """Forget the coalescing key, so the next save enqueues a new task."""
-    cache = embedding_cache.get_cache()
-    if cache is None:
-        return
     try:
-        cache.delete(wake_key(model, field_name, using))
+        embedding_cache.delete_key(wake_key(model, field_name, using))
     except Exception:
         logger.debug("semantic: could not clear wake key", exc_info=True)

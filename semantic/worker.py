@@ -199,7 +199,7 @@ def encode_pieces(field, rows, deadline=None):
     The first slice always runs, so every round makes progress.
     """
     texts = {key: piece.text for row in rows for key, piece in zip(row.keys, row.pieces)}
-    vectors = embedding_cache.get_vectors(sorted(texts))
+    vectors = embedding_cache.get_vectors(sorted(texts), dimensions=field.dimensions)
     missing = sorted((key for key in texts if key not in vectors), key=lambda key: (len(texts[key]), key))
     errors = {}
     if not missing:

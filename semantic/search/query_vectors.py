@@ -18,22 +18,23 @@ QUERY_VECTORS_IN_PROCESS = 1024
 def embed_query(field, query):
     """The query's embedding under ``field``'s encoder.
 
-    Looked up in this process's recent queries, then in the hashed-text
-    cache, and only then encoded (with the model's query prefix).
+    Looked up in this process's recent queries, then in the query vectors'
+    cache (semantic.cache, its own short-lived key space), and only then
+    encoded (with the model's query prefix).
     """
     encoder = field.encoder
     text = clean_text(query)
     key = encoder.text_hash(text, query=True)
     vector = _QUERY_VECTORS.get(key)
     if vector is None:
-        vector = embedding_cache.get_vectors([key]).get(key)
+        vector = embedding_cache.get_vectors([key], dimensions=field.dimensions, queries=True).get(key)
     if vector is None:
         field.verify_encoder()
         vectors, failures = encoder.encode([text], query=True)
         if failures:
             raise RuntimeError(f"The query could not be encoded: {failures[0]}.")
         vector = vectors[0]
-        embedding_cache.set_vectors({key: vector})
+        embedding_cache.set_vectors({key: vector}, queries=True)
     _QUERY_VECTORS[key] = vector
     _QUERY_VECTORS.move_to_end(key)
     while len(_QUERY_VECTORS) > QUERY_VECTORS_IN_PROCESS:

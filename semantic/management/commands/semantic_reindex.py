@@ -145,29 +145,23 @@ class SavedProgress:
         self.fingerprint = field.fingerprint
 
     def load(self):
-        cache = embedding_cache.get_cache()
         try:
-            state = cache.get(self.key) if cache is not None else None
+            state = embedding_cache.get_record(self.key)
         except Exception:
             return None
-        if isinstance(state, dict) and state.get("fingerprint") == self.fingerprint:
+        if state is not None and state.get("fingerprint") == self.fingerprint:
             return state
         return None
 
     def save(self, phase, after=None):
-        cache = embedding_cache.get_cache()
-        if cache is None:
-            return
         try:
-            cache.set(self.key, {"fingerprint": self.fingerprint, "phase": phase, "after": after}, RESUME_TIMEOUT)
+            embedding_cache.set_record(self.key, {"fingerprint": self.fingerprint, "phase": phase, "after": after}, RESUME_TIMEOUT)
         except Exception:
             logger.warning("semantic: could not save reindex progress; a re-run will start over", exc_info=True)
 
     def clear(self):
-        cache = embedding_cache.get_cache()
         try:
-            if cache is not None:
-                cache.delete(self.key)
+            embedding_cache.delete_key(self.key)
         except Exception:
             logger.debug("semantic: could not clear reindex progress", exc_info=True)
 
