@@ -36,6 +36,11 @@ With ``chunks=True`` (the default) a text longer than the model's
 each in the field's chunk table (``field.chunk_model``, see
 semantic.chunking); ``chunks=False`` truncates long texts instead.
 
+``chunk_index={"m": 16, "ef_construction": 200}`` sets the chunk table's
+HNSW build parameters (those are the defaults, semantic.chunking); the
+chunk model's index carries them, so ``makemigrations`` rebuilds it when
+they change.
+
 ``storage="halfvec"`` stores 16-bit floats (pgvector ``halfvec``) in the
 row's column and in the chunk table: half the bytes, and indexable up to
 4,000 dimensions instead of 2,000; the index then needs the halfvec operator
@@ -174,6 +179,12 @@ class EmbeddingField(VectorField):
     ``chunks=False``: the model truncates long texts and there is no chunk
     table.
 
+    ``chunk_index``: the chunk table's HNSW build parameters, a dict with
+    ``m`` and/or ``ef_construction`` over semantic.chunking's
+    CHUNK_INDEX_DEFAULTS; a key pgvector does not take, a value outside its
+    limits or ``ef_construction < 2 * m`` is a ValueError, as is a
+    ``chunk_index`` with ``chunks=False`` (there is no chunk table).
+
     ``storage`` is the column type: ``"vector"`` (float32, the default) or
     ``"halfvec"`` (float16: the worker's vectors are rounded to the nearest
     float16 when written, and so is the query vector when compared). Values
@@ -193,13 +204,19 @@ class EmbeddingField(VectorField):
         chunk_overlap=None,
         max_chunks=None,
         storage="vector",
+        chunk_index=None,
         **kwargs,
     ):
+        from semantic.chunking import chunk_index_options
         from semantic.distances import get_storage
 
         # Raised here, not left to a check: the column type depends on it,
         # and migrations would be written with a type that does not exist.
         self.storage = get_storage(storage).name
+        # Likewise: the chunk model's index (and so its migration) carries these.
+        if chunk_index is not None and not chunks:
+            raise ValueError("chunk_index sets the chunk table's index, and a field with chunks=False has no chunk table.")
+        self.chunk_index = chunk_index_options(chunk_index)
         self.source = source
         self.model_alias = model
         self.chunks = chunks
@@ -276,7 +293,11 @@ class EmbeddingField(VectorField):
     def deconstruct(self):
         # source, model, chunks and chunk_overlap are behaviour, not schema
         # (the chunk table is a model of its own): leaving them out keeps
-        # migrations free of callables and of churn when they change.
+        # migrations free of callables and of churn when they change. The
+        # chunk_index is schema, but of the chunk table: its HnswIndex
+        # deconstructs with m and ef_construction in the chunk model's
+        # migration, so repeating it here would only alter this column for
+        # nothing.
         name, path, args, kwargs = super().deconstruct()
         kwargs.pop("editable", None)
         # Schema. Left out at its default, so migrations written before it
