@@ -39,6 +39,15 @@ INSTALLED_APPS = [
     "project.demo",
 ]
 
+# Anonymous searches per visitor address (django-ratelimit, counted in the
+# default cache with INCRBY: atomic. Not in INSTALLED_APPS: its only check
+# warns that Django's own RedisCache is "not officially supported"). Behind a proxy, set RATELIMIT_IP_META_KEY to the header
+# the proxy sets (e.g. "HTTP_X_FORWARDED_FOR"). With the cache unreachable
+# searches are allowed: the library's own bounds still hold
+# (SEMANTIC's QUERY_MAX_CHARS, MAX_K, MAX_CANDIDATES).
+SEARCH_RATE = os.environ.get("SEARCH_RATE", "30/m")
+RATELIMIT_FAIL_OPEN = True
+
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

@@ -33,7 +33,7 @@ def check_settings(app_configs=None, **kwargs):
                 id="semantic.E010",
             )
         )
-    for name in ("CLAIM_SIZE", "MAX_CHUNKS", "MAX_ATTEMPTS"):
+    for name in ("CLAIM_SIZE", "MAX_CHUNKS", "MAX_ATTEMPTS", "QUERY_MAX_CHARS", "MAX_K", "MAX_CANDIDATES"):
         value = getattr(semantic_settings, name)
         if not _positive_int(value):
             errors.append(checks.Error(f"SEMANTIC[{name!r}] must be a positive integer, not {value!r}.", id="semantic.E010"))

@@ -112,6 +112,12 @@ DEFAULTS = {
     "RERANKER": None,
     # Candidates the vector search hands to the cross-encoder.
     "RERANK_CANDIDATES": 50,
+    # Bounds on what one search may ask for, enforced by the library itself
+    # (a ValueError), so no view can forget them: query texts come from
+    # visitors. A longer query is refused, not truncated.
+    "QUERY_MAX_CHARS": 1000,
+    "MAX_K": 1000,
+    "MAX_CANDIDATES": 1000,
 }
 
 MODEL_DEFAULTS = {

@@ -16,7 +16,7 @@ from django.db import models
 from semantic.conf import semantic_settings
 from semantic.fields import embedding_fields, get_embedding_field
 from semantic.search import hybrid, nearest, pinned, reranked
-from semantic.search.options import SearchOptions, check_k, check_query
+from semantic.search.options import SearchOptions, check_candidates, check_k, clean_query
 from semantic.search.query_vectors import embed_query
 from semantic.status import searchable_q, stale_marks
 from semantic.wakeups import schedule_embedding
@@ -126,11 +126,15 @@ class SemanticQuerySet(models.QuerySet):
         and ``score`` still annotated. That evaluates the candidates at once;
         the returned QuerySet holds just those rows.
 
-        Raises ValueError for an empty query, a ``k`` below 1 or an option
-        out of range, TypeError for an unknown option.
+        The query's control characters become spaces (semantic.search.options.clean_query).
+        Raises ValueError for an empty query or one longer than
+        SEMANTIC["QUERY_MAX_CHARS"], a ``k`` or ``candidates`` outside 1 to
+        SEMANTIC["MAX_K"] / ["MAX_CANDIDATES"], or an option out of range;
+        TypeError for an unknown option.
         """
-        check_query(query)
+        query = clean_query(query)
         check_k(k)
+        check_candidates(candidates)
         search_options = SearchOptions.from_kwargs(**options)
         embedding_field = get_embedding_field(self.model, field)
         vector = embed_query(embedding_field, query)
@@ -241,8 +245,9 @@ class SemanticQuerySet(models.QuerySet):
         the same ``to_tsvector``, or a SearchVectorField passed as
         ``text_fields``), or the text ranking scans every filtered row.
         """
-        check_query(query)
+        query = clean_query(query)
         check_k(k)
+        check_candidates(candidates)
         search_options = SearchOptions.from_kwargs(**options)
         embedding_field = get_embedding_field(self.model, field)
         candidates = max(int(candidates or semantic_settings.HYBRID_CANDIDATES), k)

@@ -2,6 +2,7 @@
 
 import pytest
 from django.core.management import call_command
+from django.utils.html import escape
 
 from project.demo.corpus import iter_articles
 from project.demo.models import Article
@@ -49,11 +50,32 @@ def test_hybrid_mode_ranks_the_matching_article_first(client, demo_articles):
 
 
 @pytest.mark.parametrize("mode", ["semantic", "hybrid", "nonsense"])
-@pytest.mark.parametrize("query", ["", "x" * 10_000, "'; DROP TABLE demo_article; --", 'a "b -c or'])
-def test_search_page_survives_odd_queries(client, demo_articles, query, mode):
+@pytest.mark.parametrize("query", ["", "x" * 10_000, "'; DROP TABLE demo_article; --", 'a "b -c or', "phone\x00sales", "\x00\x1f\x7f"])
+def test_search_page_answers_odd_queries_with_results_or_a_message(client, demo_articles, query, mode):
     response = client.get("/", {"q": query, "mode": mode})
-    assert response.status_code == 200
+    assert response.status_code in (200, 400)
+    if response.status_code == 400:
+        assert response.context["error"] and escape(response.context["error"]) in response.content.decode()
     assert Article.objects.count() == 12
+
+
+@pytest.mark.parametrize("params", [{"q": "phone\x00sales", "mode": "hybrid"}, {"topic": "te\x00ch"}, {"q": "phones", "topic": "te\x00ch"}])
+def test_the_reported_nul_urls_answer_without_an_error_page(client, demo_articles, params):
+    response = client.get("/", params)
+    assert response.status_code in (200, 400)
+    if "q" in params and "topic" not in params:
+        # The NUL is a word break: the query is searched.
+        assert response.status_code == 200 and response.context["query"] == "phone sales"
+        assert response.context["results"]
+
+
+def test_anonymous_searches_are_rate_limited_per_address(client, admin_client, demo_articles, settings):
+    settings.SEARCH_RATE = "3/m"
+    statuses = [client.get("/", {"q": f"rate limited search {i}"}, REMOTE_ADDR="203.0.113.7").status_code for i in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    # Another address, and signed-in staff, are not counted against it.
+    assert client.get("/", {"q": "another visitor"}, REMOTE_ADDR="203.0.113.8").status_code == 200
+    assert admin_client.get("/", {"q": "staff"}, REMOTE_ADDR="203.0.113.7").status_code == 200
 
 
 def test_search_page_filters_by_topic(client, demo_articles):

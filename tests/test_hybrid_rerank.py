@@ -131,6 +131,11 @@ def test_hybrid_with_no_keyword_match_is_the_vector_ranking(notes):
     assert all(r.text_rank is None for r in results)
 
 
-@pytest.mark.parametrize("query", ["'; DROP TABLE testapp_note; --", 'a "quoted -phrase" or', "x" * 20_000])
+@pytest.mark.parametrize("query", ["'; DROP TABLE testapp_note; --", 'a "quoted -phrase" or', "x" * 1000, "nul\x00 and bell\x07"])
 def test_hybrid_odd_queries(notes, query):
     assert len(list(Note.objects.hybrid_search(query, k=3, exact=True))) == 3
+
+
+def test_hybrid_refuses_a_query_over_the_limit(notes):
+    with pytest.raises(ValueError, match="longer than 1000 characters"):
+        Note.objects.hybrid_search("x" * 1001, k=3)

@@ -288,3 +288,19 @@ def test_a_search_after_values_adds_its_annotations_to_the_values(passages):
     assert [set(row) for row in rows] == [{"pk", "distance", "score"}] * 3
     assert [row["pk"] for row in rows] == expected
     assert [row["score"] for row in rows] == pytest.approx(scores, abs=1e-5)
+
+
+@pytest.mark.django_db
+def test_hostile_search_inputs_are_refused_or_cleaned_by_the_library(passages):
+    """The bounds hold for every caller, not only the views: big k, long queries, NUL, huge candidate counts."""
+    with pytest.raises(ValueError, match="k must be at most"):
+        Passage.objects.nearest(query_vector(1), k=2**63)
+    for search in (Passage.objects.semantic_search, Passage.objects.hybrid_search):
+        with pytest.raises(ValueError, match="longer than 1000 characters"):
+            search("word " * 200_000, k=5)
+        with pytest.raises(ValueError, match="candidates must be at most"):
+            search("passage", k=5, candidates=10**9)
+        # NUL and other control characters are word breaks, in the vector and the text query alike.
+        assert [row.pk for row in search("passage\x00 1\x07", k=5, exact=True)] == [
+            row.pk for row in search("passage 1", k=5, exact=True)
+        ]

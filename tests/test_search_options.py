@@ -1,8 +1,10 @@
 """The index options of a search: validated once, and the settings they choose (no database)."""
 
+import time
+
 import pytest
 
-from semantic.search.options import EXACT, MAX_INDEX_LIMIT, SearchOptions
+from semantic.search.options import EXACT, MAX_INDEX_LIMIT, SearchOptions, check_candidates, check_k, clean_query
 from semantic.search.session import connection_options
 
 
@@ -89,3 +91,56 @@ def test_connection_options_start_a_session_with_the_default_search_settings(set
     default = SearchOptions().index_settings(10, lambda: (10**6, 1.0))
     options = dict(part.split("=") for part in connection_options().replace("-c ", "").split())
     assert options == {name: str(value) for name, value in default.items()}
+
+
+# --- bounds on a visitor's input -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query, cleaned",
+    [
+        ("phone\x00sales", "phone sales"),
+        ("  tabs\tand\nnew\r\nlines ", "tabs and new lines"),
+        ("bell\x07 and \x7fdel\x9b", "bell  and  del"),
+        ("zero\u200bwidth and émigré", "zero\u200bwidth and émigré"),
+    ],
+)
+def test_control_characters_become_spaces_and_the_rest_is_kept(query, cleaned):
+    assert clean_query(query) == cleaned
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\x00\x00", "\x01\x1f\x7f", None, 42, b"bytes"])
+def test_an_empty_or_non_text_query_is_a_clear_error(query):
+    with pytest.raises(ValueError, match="query"):
+        clean_query(query)
+
+
+def test_a_query_over_the_limit_is_refused_before_any_work(settings):
+    settings.SEMANTIC = {**settings.SEMANTIC, "QUERY_MAX_CHARS": 50}
+    assert clean_query("x" * 50) == "x" * 50
+    with pytest.raises(ValueError, match="longer than 50 characters"):
+        clean_query("x" * 51)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="longer than 50 characters"):
+        clean_query("x\x00" * 500_000)
+    assert time.perf_counter() - start < 0.05
+
+
+@pytest.mark.parametrize("k", [0, -1, 2**63, 1001, 1.5, "10", True])
+def test_k_outside_one_to_max_k_is_a_clear_error(k):
+    with pytest.raises(ValueError, match="k must be"):
+        check_k(k)
+
+
+def test_max_k_and_max_candidates_are_settings(settings):
+    check_k(1000)
+    check_candidates(1000)
+    settings.SEMANTIC = {**settings.SEMANTIC, "MAX_K": 20, "MAX_CANDIDATES": 30}
+    check_k(20)
+    check_candidates(30)
+    with pytest.raises(ValueError, match=r"at most 20 \(SEMANTIC\['MAX_K'\]\)"):
+        check_k(21)
+    with pytest.raises(ValueError, match=r"at most 30 \(SEMANTIC\['MAX_CANDIDATES'\]\)"):
+        check_candidates(31)
+    with pytest.raises(ValueError, match="candidates must be a positive integer"):
+        check_candidates(0)

@@ -7,6 +7,7 @@ accepted by every search method (``nearest``, ``semantic_search``,
 by the QuerySet's clones.
 """
 
+import re
 from dataclasses import dataclass, fields
 
 from semantic.conf import semantic_settings
@@ -122,13 +123,45 @@ class SearchOptions:
         return values
 
 
-def check_query(query):
-    """ValueError unless ``query`` is a non-empty string."""
-    if not isinstance(query, str) or not query.strip():
-        raise ValueError("semantic_search() needs a non-empty query string.")
+# Control characters (C0, DEL, C1; NUL among them): tokenizers, PostgreSQL
+# text and to_tsquery all choke on some of them, and no query means them.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def clean_query(query):
+    """``query`` as every search uses it: each run of control characters one space, outer spaces stripped.
+
+    Raises ValueError unless the result is a non-empty string of at most
+    SEMANTIC["QUERY_MAX_CHARS"] characters (a query string is a visitor's
+    input: its length is bounded before any model or database sees it).
+    """
+    if not isinstance(query, str):
+        raise ValueError(f"A search query must be a string, not {type(query).__name__}.")
+    limit = semantic_settings.QUERY_MAX_CHARS
+    if len(query) > 2 * limit:
+        # Not even cleaned: the bound holds for the work done on a hostile input too.
+        raise ValueError(f"The search query is longer than {limit} characters (SEMANTIC['QUERY_MAX_CHARS']).")
+    cleaned = _CONTROL_CHARACTERS.sub(" ", query).strip()
+    if not cleaned:
+        raise ValueError("A search needs a non-empty query string.")
+    if len(cleaned) > limit:
+        raise ValueError(f"The search query is longer than {limit} characters (SEMANTIC['QUERY_MAX_CHARS']).")
+    return cleaned
 
 
 def check_k(k):
-    """ValueError unless ``k`` is None or a positive integer."""
+    """ValueError unless ``k`` is None or a positive integer of at most SEMANTIC["MAX_K"]."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer, not {k!r}.")
+    if k is not None and k > semantic_settings.MAX_K:
+        raise ValueError(f"k must be at most {semantic_settings.MAX_K} (SEMANTIC['MAX_K']), not {k}.")
+
+
+def check_candidates(candidates):
+    """ValueError unless ``candidates`` is None or a positive integer of at most SEMANTIC["MAX_CANDIDATES"]."""
+    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
+        raise ValueError(f"candidates must be a positive integer, not {candidates!r}.")
+    if candidates is not None and candidates > semantic_settings.MAX_CANDIDATES:
+        raise ValueError(
+            f"candidates must be at most {semantic_settings.MAX_CANDIDATES} (SEMANTIC['MAX_CANDIDATES']), not {candidates}."
+        )
