@@ -15,6 +15,7 @@ import atexit
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +28,9 @@ from pathlib import Path
 import psutil
 
 DATABASE_NAME = "semantic"
+# The local Redis's memory bound: cached vectors (every one with a TTL) are
+# evicted least recently used first; the broker's queues (no TTL) never are.
+REDIS_MAXMEMORY = "512mb"
 
 
 def _alive(pid):
@@ -149,9 +153,13 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def _redis_answers(port):
+def _redis_answers(port, password=None):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            if password:
+                sock.sendall(f"AUTH {password}\r\n".encode())
+                if not sock.recv(16).startswith(b"+OK"):
+                    return False
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
     except OSError:
@@ -162,16 +170,20 @@ def local_redis(data_dir):
     """Start (or attach to) a loopback Redis for this project; returns its URL.
 
     It keeps nothing on disk (no RDB, no AOF): it only carries wake-ups and
-    caches, and everything it holds can be rebuilt from PostgreSQL.
+    caches, and everything it holds can be rebuilt from PostgreSQL. It asks
+    for a password (random, made once, kept in ``redis/password``, readable
+    by its owner only): a loopback port is open to every local user and
+    process, and what Redis holds feeds the web process.
     """
     folder = Path(data_dir) / "redis"
     state_file = folder / "server.json"
     clients_file = folder / "clients.json"
     with _locked(folder / ".lock"):
+        password = _redis_password(folder)
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
-        if not (state and _alive(state["pid"]) and _redis_answers(state["port"])):
+        if not (state and _alive(state["pid"]) and _redis_answers(state["port"], password)):
             port = free_port()
-            state = {"pid": start_redis_server(folder, port).pid, "port": port}
+            state = {"pid": start_redis_server(folder, port, password=password).pid, "port": port}
             state_file.write_text(json.dumps(state))
             clients_file.write_text("[]")
         clients = _prune_dead_pids(clients_file)
@@ -179,23 +191,44 @@ def local_redis(data_dir):
             clients_file.write_text(json.dumps([*clients, os.getpid()]))
     atexit.register(_detach_redis, folder)
     _exit_cleanly_on_sigterm()
-    return f"redis://127.0.0.1:{state['port']}/0"
+    return f"redis://:{password}@127.0.0.1:{state['port']}/0"
 
 
-def start_redis_server(folder, port):
+def _redis_password(folder):
+    """The folder's Redis password, made on first use (owner-only file)."""
+    path = folder / "password"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def start_redis_server(folder, port, *, password=None):
     """Start a loopback redis-server on ``port`` that keeps nothing on disk.
 
-    Returns its Popen once it answers PING; its log is ``folder/redis.log``.
-    The fault tests start throwaway servers with it, to stop one without
-    touching the shared one.
+    With ``password`` it asks for it (given in a config file of the owner's
+    only, not on the command line other users can read). Its memory is
+    bounded: past MAXMEMORY it evicts the least recently used keys that
+    have a TTL (the caches'), never the broker's queues. Returns its Popen
+    once it answers PING; its log is ``folder/redis.log``. The fault tests
+    start throwaway servers with it, to stop one without touching the
+    shared one.
     """
+    config = folder / f"redis-{port}.conf"
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(f"requirepass {password}\n" if password else "")
     process = subprocess.Popen(
         [
             redis_server_binary(),
+            str(config),
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
+            "--maxmemory", REDIS_MAXMEMORY,
+            "--maxmemory-policy", "volatile-lru",
             "--dir", str(folder),
             "--logfile", str(folder / "redis.log"),
         ],
@@ -207,7 +240,7 @@ def start_redis_server(folder, port):
         start_new_session=True,
     )
     deadline = time.monotonic() + 10
-    while not _redis_answers(port):
+    while not _redis_answers(port, password):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             process.wait()

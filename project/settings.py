@@ -22,9 +22,41 @@ from project import devservices
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("SEMANTIC_DATA_DIR", BASE_DIR / ".data"))
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "insecure-demo-key-change-me")
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+
+# The development key only ever signs development sessions: with DEBUG off,
+# a missing, short or published key refuses to start (a known key lets
+# anyone forge sessions and password-reset links).
+DEVELOPMENT_SECRET_KEY = "insecure-demo-key-change-me"
+PUBLISHED_SECRET_KEYS = {DEVELOPMENT_SECRET_KEY, "change-me", "changeme", "secret", "django-insecure"}
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", DEVELOPMENT_SECRET_KEY if DEBUG else "")
+if not DEBUG and (SECRET_KEY in PUBLISHED_SECRET_KEYS or len(SECRET_KEY) < 50 or len(set(SECRET_KEY)) < 5):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        "DJANGO_DEBUG=0 needs DJANGO_SECRET_KEY: at least 50 random characters, not a published default. "
+        'Make one with: python -c "import secrets; print(secrets.token_urlsafe(50))"'
+    )
+
+# HTTPS, with DEBUG off: TLS is terminated by a proxy in front of gunicorn,
+# which must set X-Forwarded-Proto (and strip it from clients). Each can be
+# turned off through the environment (DJANGO_SECURE_SSL_REDIRECT=0 to try
+# the stack over plain HTTP on localhost; `check --deploy` then says so).
+
+
+def _env_flag(name, default):
+    return os.environ.get(name, "1" if default else "0") == "1"
+
+
+if not DEBUG:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = _env_flag("DJANGO_SECURE_SSL_REDIRECT", True)
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _env_flag("DJANGO_SECURE_COOKIES", True)
+    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS", str(60 * 60 * 24 * 365)))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_flag("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = _env_flag("DJANGO_SECURE_HSTS_PRELOAD", True)
+    CSRF_TRUSTED_ORIGINS = [origin for origin in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if origin]
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -95,11 +127,15 @@ _options["options"] = " ".join(
 )
 
 REDIS_URL = os.environ.get("REDIS_URL") or devservices.local_redis(DATA_DIR)
+# The caches (embeddings, rate limits, wake-up flags) may live in a Redis of
+# their own with an LRU bound (docker-compose.yml's "cache"); by default the
+# broker's server, another database.
+CACHE_URL = os.environ.get("CACHE_URL") or REDIS_URL.rsplit("/", 1)[0] + "/1"
 
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": REDIS_URL,
+        "LOCATION": CACHE_URL,
         "KEY_PREFIX": "semantic-demo",
         # A save touches the cache (to coalesce wake-ups): with Redis's host
         # unreachable it must fail fast, not after redis-py's default of 5 s.
