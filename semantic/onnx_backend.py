@@ -50,6 +50,11 @@ EXPORT_VERSION = 1
 #: mean cosine of 0.94 to torch's vectors on the BBC bodies, per channel
 #: 0.99, at the same speed (BENCHMARKS.md, backends).
 INT8_RECIPE = {"op_types_to_quantize": ["MatMul", "Attention"], "per_channel": True, "reduce_range": False}
+#: A session run of a batch ends where a text has fewer tokens than this share
+#: of the run's longest (OnnxSentenceModel._runs): the padding a run computes
+#: stays under a tenth, where a batch padded to its longest text computed 13 %
+#: more tokens than the worker's chunks hold (BENCHMARKS.md, backends).
+RUN_LENGTH_RATIO = 0.9
 #: Architectures whose export is fused by onnxruntime's transformer optimizer
 #: (its "bert" fusions: Attention, EmbedLayerNormalization,
 #: SkipLayerNormalization, BiasGelu): fewer, faster operators, and an int8
@@ -176,17 +181,50 @@ class OnnxSentenceModel:
         for start in range(0, len(sentences), max(1, batch_size)):
             batch = order[start : start + batch_size]
             features = self.sentence_transformer.preprocess([sentences[i] for i in batch], prompt=self.prompt)
-            inputs = {name: features[name].numpy() for name in self.input_names}
-            (token_embeddings,) = self.session.run([OUTPUT_NAME], inputs)
-            features[OUTPUT_NAME] = torch.from_numpy(token_embeddings)
-            with torch.inference_mode():
-                for module in self.head:
-                    features = module(features)
-                embeddings = features["sentence_embedding"]
-                if normalize_embeddings:
-                    embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-            vectors[batch] = embeddings.numpy()
+            for rows, width in self._runs(features):
+                part = {name: _rows(value, rows, width) for name, value in features.items()}
+                (token_embeddings,) = self.session.run([OUTPUT_NAME], {name: part[name].numpy() for name in self.input_names})
+                part[OUTPUT_NAME] = torch.from_numpy(token_embeddings)
+                with torch.inference_mode():
+                    for module in self.head:
+                        part = module(part)
+                    embeddings = part["sentence_embedding"]
+                    if normalize_embeddings:
+                        embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+                vectors[batch[rows]] = embeddings.numpy()
         return vectors
+
+    def _runs(self, features):
+        """The session runs of one tokenized batch: ``(rows, width)`` pairs, rows longest first.
+
+        Characters only approximate tokens, so a batch sorted by characters
+        still pads its shorter texts to its longest. A run ends where a text
+        is shorter than RUN_LENGTH_RATIO of the run's first, and is cut to its
+        own longest text: all of the transformer's work, the quadratic attention
+        above all, is spent on padding otherwise. Right-padded batches only
+        (a left-padded tokenizer's batch runs whole).
+        """
+        import numpy as np
+
+        lengths = features["attention_mask"].sum(dim=1).numpy()
+        width = features["attention_mask"].shape[1]
+        if self.tokenizer.padding_side != "right":
+            return [(np.arange(len(lengths)), width)]
+        order = np.argsort(-lengths, kind="stable")
+        runs, first = [], 0
+        for index in range(1, len(order) + 1):
+            if index == len(order) or lengths[order[index]] < RUN_LENGTH_RATIO * lengths[order[first]]:
+                runs.append((order[first:index], int(lengths[order[first]])))
+                first = index
+        return runs
+
+
+def _rows(value, rows, width):
+    """``rows`` of one tokenized feature, its token axis cut to ``width``; non-tensor features as they are."""
+    if not hasattr(value, "dim"):
+        return value
+    value = value[rows]
+    return value[:, :width] if value.dim() == 2 else value
 
 
 def load(sentence_transformer, *, identity, quantize, directory, threads, alias):

@@ -189,6 +189,19 @@ def test_long_texts_are_truncated_as_torch_truncates_them_and_chunked_alike(onnx
     assert Chunker(get_encoder("onnx_short"), 4).split(long_text) == Chunker(get_encoder("torch_short"), 4).split(long_text)
 
 
+def test_a_batch_runs_in_groups_of_similar_length_each_cut_to_its_longest_text(onnx_models, monkeypatch):
+    # Tokens with the prefix: 21, 44, 13, 12, 5; by characters "x " * 40 comes second, not first.
+    texts = [TEXTS[2], "x " * 40, TEXTS[0], TEXTS[1], "goal"]
+    model = get_encoder("onnx_prefixed").model
+    shapes = []
+    run = model.session.run
+    monkeypatch.setattr(model.session, "run", lambda names, inputs: shapes.append(inputs["input_ids"].shape) or run(names, inputs))
+    vectors = encode("onnx_prefixed", texts)
+    # Runs end below RUN_LENGTH_RATIO (0.9) of their longest text's tokens, and none is padded past its longest.
+    assert shapes == [(1, 44), (1, 21), (2, 13), (1, 5)]
+    assert cosines(vectors, encode("torch_prefixed", texts)).min() >= 0.9999
+
+
 def test_the_onnx_model_frees_the_torch_weights_and_counts_its_calls(onnx_models, stats_delta):
     encoder = get_encoder("onnx_prefixed")
     vectors, failures = encoder.encode(TEXTS, batch_size=2)
