@@ -2,11 +2,13 @@
 Encoder backends on the CPU: torch fp32 against ONNX fp32 and ONNX int8, in
 one run, on the same texts and the same thread count.
 
-    .venv/bin/python bench/backends.py [--threads 2] [--articles 40] [--repeats 10] [--queries 100] [--held-out 500] [--no-write]
+    .venv/bin/python bench/backends.py [--threads 2] [--articles 40] [--repeats 10] [--batch-sizes 8,16,32,64] [--queries 100] [--held-out 500] [--no-write]
 
-* **Throughput**: documents/s of ``Encoder.encode`` (the worker's call, at the
-  worker's CPU batch size) over the chunks the worker makes of the first
-  ``--articles`` BBC articles (split by semantic.chunking.Chunker).
+* **Throughput**: documents/s of ``Encoder.encode`` (the worker's call) over
+  the chunks the worker makes of the first ``--articles`` BBC articles (split
+  by semantic.chunking.Chunker), each backend at its own best batch size of
+  a sweep (``--batch-sizes``), as a site tuning BATCH_SIZE would run it: for
+  torch that is SentenceTransformer.encode at its best batch size.
 * **Query latency**: p50 of ``Encoder.encode([headline], query=True)`` over
   ``--queries`` short queries (BBC headlines), one text per call, as a
   search embeds a new query text (the embedding cache is off).
@@ -64,6 +66,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime threads (default: one per core)")
     parser.add_argument("--articles", type=int, default=40, help="BBC articles whose chunks the throughput runs encode")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved throughput repeats")
+    parser.add_argument("--batch-sizes", default="8,16,32,64", help="batch sizes swept for each backend's best (comma-separated)")
+    parser.add_argument("--sweep-repeats", type=int, default=2, help="interleaved repeats of each batch size in the sweep")
     parser.add_argument("--queries", type=int, default=100, help="single-query latency samples per backend")
     parser.add_argument("--held-out", type=int, default=None, help="quality on the first N held-out articles only (smoke runs)")
     parser.add_argument("--torch-int8", action="store_true", help="also time torch's dynamic int8 (reference)")
@@ -153,7 +157,7 @@ def run(args, log):
     results = {
         "threads": args.threads,
         "torch_threads": torch.get_num_threads(),
-        "batch_size": batch_size_for("cpu"),
+        "batch_size": batch_size_for("cpu"),  # the worker's default: quality and queries use it
         "documents": len(documents),
         "articles": len(texts),
         "tokens": sum(len(chunker.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in documents),
@@ -169,22 +173,28 @@ def run(args, log):
         backend.encode(documents)
         for query in queries:
             backend.encode([query], query=True)
+    # Each backend's best batch size (its fastest repeat: a load spike only slows one).
+    sizes = [int(size) for size in args.batch_sizes.split(",")]
+    log(f"batch-size sweep {sizes}, {args.sweep_repeats} interleaved repeats each")
+    sweep = {backend.key: {size: [] for size in sizes} for backend in backends}
+    for repeat in range(args.sweep_repeats):
+        for index, size in enumerate(sizes):
+            for backend in _rotated(backends, repeat + index):
+                sweep[backend.key][size].append(_timed(backend.encode, documents, batch_size=size))
+    best = {key: min(sizes, key=lambda size: min(times[size])) for key, times in sweep.items()}
+    results["sweep"] = {key: {size: len(documents) / min(times[size]) for size in sizes} for key, times in sweep.items()}
+    results["best_batch"] = best
+    log("  best batch sizes: " + ", ".join(f"{key} {size}" for key, size in best.items()))
     seconds = {backend.key: [] for backend in backends}
     for repeat in range(args.repeats):
-        shift = repeat % len(backends)
-        for backend in backends[shift:] + backends[:shift]:
-            started = time.perf_counter()
-            backend.encode(documents)
-            seconds[backend.key].append(time.perf_counter() - started)
+        for backend in _rotated(backends, repeat):
+            seconds[backend.key].append(_timed(backend.encode, documents, batch_size=best[backend.key]))
         log(f"  repeat {repeat + 1}: " + ", ".join(f"{key} {len(documents) / s[-1]:.1f}/s" for key, s in seconds.items()))
     log(f"single-query latency, {len(queries)} queries, each on every backend in turn")
     latency = {backend.key: [] for backend in backends}
     for index, query in enumerate(queries):
-        shift = index % len(backends)
-        for backend in backends[shift:] + backends[:shift]:
-            started = time.perf_counter()
-            backend.encode([query], query=True)
-            latency[backend.key].append(time.perf_counter() - started)
+        for backend in _rotated(backends, index):
+            latency[backend.key].append(_timed(backend.encode, [query], query=True))
 
     from semantic.evaluation import evaluate_pairs
 
@@ -228,9 +238,22 @@ def run(args, log):
     return results
 
 
+def _rotated(backends, shift):
+    """``backends`` in an order rotated by ``shift``, so each takes every place in turn."""
+    shift %= len(backends)
+    return backends[shift:] + backends[:shift]
+
+
+def _timed(function, *args, **kwargs):
+    """Seconds one call of ``function`` took."""
+    started = time.perf_counter()
+    function(*args, **kwargs)
+    return time.perf_counter() - started
+
+
 def _encoder_function(encoder):
-    def encode(texts, query=False):
-        vectors, failures = encoder.encode(texts, query=query)
+    def encode(texts, query=False, batch_size=None):
+        vectors, failures = encoder.encode(texts, query=query, batch_size=batch_size)
         assert not failures, failures
         return vectors
 
@@ -273,11 +296,10 @@ def _model_function(model, encoder):
 
     config = encoder.config
 
-    def encode(texts, query=False):
+    def encode(texts, query=False, batch_size=None):
         prefix = config["query_prefix" if query else "document_prefix"]
-        return list(
-            model.encode([prefix + text for text in texts], batch_size=batch_size_for("cpu"), normalize_embeddings=True, convert_to_numpy=True)
-        )
+        size = batch_size or batch_size_for("cpu")
+        return list(model.encode([prefix + text for text in texts], batch_size=size, normalize_embeddings=True, convert_to_numpy=True))
 
     return encode
 
@@ -296,8 +318,10 @@ def render(args, results):
         f"{results['seconds'] / 60:.1f} min.",
         "",
         f"**Shape.** Throughput: `Encoder.encode` of {results['documents']} chunks ({results['tokens']:,} tokens, "
-        f"the worker's chunks of {results['articles']} BBC articles), batch {results['batch_size']} (the CPU "
-        f"default), median of {args.repeats} interleaved repeats (min–max in brackets). Query: "
+        f"the worker's chunks of {results['articles']} BBC articles), each backend at its own best batch size "
+        f"of a sweep ({args.sweep_repeats} interleaved repeats of each of {args.batch_sizes}; *batch* below, its "
+        f"docs/s in the sweep table; quality uses the CPU default, {results['batch_size']}), median of "
+        f"{args.repeats} interleaved repeats (min–max in brackets). Query: "
         f"`Encoder.encode([headline], query=True)`, one text per call, p50 over {results['queries']} BBC headlines, "
         f"each timed on every backend in turn, after one untimed pass over every text; embedding cache off. "
         "*× torch* is the median of the ratios "
@@ -307,21 +331,33 @@ def render(args, results):
         "cosine to torch fp32's vector of the same text (bodies | headlines), and MRR@10 of exact cosine "
         "ranking computed by `semantic.evaluation.evaluate_pairs`.",
         "",
-        "| backend | docs/s | × torch | query p50 ms | × torch | cosine to torch, bodies mean / min | headlines mean / min | MRR@10 | Δ MRR |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | batch | docs/s | × torch | query p50 ms | × torch | cosine to torch, bodies mean / min | headlines mean / min | MRR@10 | Δ MRR |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, row in rows.items():
         low, high = row["docs_per_s_spread"]
         lines.append(
-            f"| {row['label']} | {row['docs_per_s']:.1f} ({low:.1f}–{high:.1f}) | {row['throughput_ratio']:.2f}× "
+            f"| {row['label']} | {results['best_batch'][key]} | {row['docs_per_s']:.1f} ({low:.1f}–{high:.1f}) | {row['throughput_ratio']:.2f}× "
             f"| {row['query_p50_ms']:.1f} | {row['query_ratio']:.2f}× "
             f"| {row['cos_documents'][0]:.5f} / {row['cos_documents'][1]:.5f} "
             f"| {row['cos_queries'][0]:.5f} / {row['cos_queries'][1]:.5f} "
             f"| {row['mrr']:.4f} | {row['mrr'] - torch_row['mrr']:+.4f} |"
         )
     lines.append(
-        f"| {MIXED} | | | | | | | {results['mixed_mrr']:.4f} | {results['mixed_mrr'] - torch_row['mrr']:+.4f} |"
+        f"| {MIXED} | | | | | | | | {results['mixed_mrr']:.4f} | {results['mixed_mrr'] - torch_row['mrr']:+.4f} |"
     )
+    sizes = list(next(iter(results["sweep"].values())))
+    lines += [
+        "",
+        "Batch-size sweep, docs/s of each backend's fastest repeat:",
+        "",
+        "| backend | " + " | ".join(f"batch {size}" for size in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+        *(
+            f"| {rows[key]['label']} | " + " | ".join(f"{rate:.1f}" for rate in by_size.values()) + " |"
+            for key, by_size in results["sweep"].items()
+        ),
+    ]
     lines += [
         "",
         "When these shared cores are busy (see the load average above), torch's single-query time at "
