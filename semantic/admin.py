@@ -447,13 +447,15 @@ class SemanticAdminMixin:
                 actions[name] = self.get_action(name)
         return actions
 
-    @admin.action(description="Re-embed selected %(verbose_name_plural)s")
+    # permissions=: Django checks them however the action is offered (a
+    # subclass may list it in ``actions``), not only in get_actions above.
+    @admin.action(description="Re-embed selected %(verbose_name_plural)s", permissions=["change"])
     def semantic_reembed(self, request, queryset):
         # Failed rows are retried too.
         rows = queryset.mark_stale()
         self.message_user(request, f"{rows} row(s) marked stale; a worker is re-embedding them.", messages.SUCCESS)
 
-    @admin.action(description="Mark selected %(verbose_name_plural)s stale")
+    @admin.action(description="Mark selected %(verbose_name_plural)s stale", permissions=["change"])
     def semantic_mark_stale(self, request, queryset):
         rows = queryset.mark_stale(wake=False)
         self.message_user(

@@ -212,6 +212,29 @@ def test_actions_need_the_change_permission(client, django_user_model, demo_arti
     assert "semantic_reembed" not in response.content.decode()
 
 
+@pytest.mark.parametrize("listed", [False, True], ids=["offered by the mixin", "listed in actions"])
+def test_view_only_staff_get_no_embedding_actions_however_they_are_offered(django_user_model, listed):
+    from django.contrib.auth.models import Permission
+    from django.test import RequestFactory
+
+    from semantic import SemanticAdminMixin
+
+    class ListingAdmin(SemanticAdminMixin, admin.ModelAdmin):
+        actions = ["semantic_reembed", "semantic_mark_stale"] if listed else []
+
+    model_admin = ListingAdmin(Article, admin.AdminSite(name="actions-test"))
+    viewer = django_user_model.objects.create_user("viewer2", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_article"))
+    editor = django_user_model.objects.create_user("editor2", password="pw", is_staff=True)
+    editor.user_permissions.add(Permission.objects.get(codename="change_article"))
+    for user, offered in ((viewer, False), (editor, True)):
+        request = RequestFactory().get(URL)
+        request.user = django_user_model.objects.get(pk=user.pk)  # a fresh permission cache
+        names = set(model_admin.get_actions(request))
+        assert ({"semantic_reembed", "semantic_mark_stale"} <= names) is offered
+        assert offered or not names & {"semantic_reembed", "semantic_mark_stale"}
+
+
 def test_change_page_shows_the_vector_read_only_and_saves_without_touching_it(admin_client, target):
     before = Article.objects.get(pk=target.pk)
     url = f"{URL}{target.pk}/change/"

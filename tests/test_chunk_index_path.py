@@ -202,3 +202,18 @@ def test_cached_plain_searches_of_values_give_each_query_its_own_rows(corpus):
         rows = list(search)
         assert [pk for pk, _ in rows] == [pk for pk, _ in expected]
         assert [distance for _, distance in rows] == pytest.approx([best[ids.index(pk)] for pk, _ in expected], abs=1e-5)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("by_chunk", [True, False])
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_filter_across_a_to_many_relation_returns_each_row_once(corpus, by_chunk, exact):
+    """Every row has 4 chunks that match ``index__gte=0``: joined, each row came up to 4 times."""
+    query = QUERIES[4]
+    across_chunks = ChunkedPassage.objects.filter(embedding_chunks__index__gte=0, bucket__lt=50)
+    found = list(across_chunks.nearest(query, k=K, exact=exact, by_chunk=by_chunk))
+    same = list(ChunkedPassage.objects.filter(bucket__lt=50).nearest(query, k=K, exact=exact, by_chunk=by_chunk))
+    assert len({row.pk for row in found}) == len(found) == K
+    if exact:
+        assert [row.pk for row in found] == [row.pk for row in same]
+        assert [row.distance for row in found] == pytest.approx([row.distance for row in same])

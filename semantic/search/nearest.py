@@ -167,6 +167,8 @@ def build(queryset, vector, field, *, k, min_score, options):
     if taken:
         raise FieldError(f"{field.model.__name__} has a field named {sorted(taken)[0]!r}, which searches annotate.")
 
+    if _joins_to_many(queryset.query):
+        queryset = _each_row_once(queryset)
     # One clone, changed in place: a search is built on every call, and each
     # QuerySet method would copy the query again.
     searched = queryset._chain()
@@ -196,6 +198,29 @@ def build(queryset, vector, field, *, k, min_score, options):
     query.search_shape = SearchShape(key, unfiltered, len(query.where.children), query.annotations)
     searched._search_plan = SearchPlan(field, options)
     return searched
+
+
+def _joins_to_many(query):
+    """Whether ``query`` joins a to-many relation (a filter across a reverse foreign key or a many-to-many)."""
+    return any(
+        getattr(join.join_field, "one_to_many", False) or getattr(join.join_field, "many_to_many", False)
+        for join in query.alias_map.values()
+        if getattr(join, "join_field", None) is not None
+    )
+
+
+def _each_row_once(queryset):
+    """``queryset``'s rows, each once: its filters as a primary-key subquery.
+
+    A join to a to-many relation gives a row once per related row that
+    matched, and a search would rank each copy (the same row twice in the
+    top k). The subquery keeps the filters' meaning; what the QuerySet
+    loads (only/defer, select_related) is kept, the rest of it is filters.
+    """
+    rows = type(queryset)(model=queryset.model, using=queryset.db).filter(pk__in=queryset.values("pk"))
+    rows.query.deferred_loading = queryset.query.deferred_loading
+    rows.query.select_related = queryset.query.select_related
+    return rows
 
 
 @functools.cache
