@@ -141,3 +141,18 @@ def test_a_cache_alias_that_would_pickle_is_refused_with_a_hint():
 def test_an_unknown_cache_alias_is_reported(settings):
     settings.SEMANTIC = {**settings.SEMANTIC, "QUERY_CACHE_ALIAS": "nowhere"}
     assert [error.id for error in check_caches()] == ["semantic.E014"]
+
+
+@pytest.mark.django_db
+def test_query_vectors_live_in_their_own_key_space_and_expire_soon(settings):
+    """A visitor's query text costs one short-lived key, never a 30-day one beside the workers' vectors."""
+    settings.SEMANTIC = {**settings.SEMANTIC, "QUERY_CACHE_TIMEOUT": 120}
+    field = Passage._meta.get_field("embedding")
+    query = f"a query nobody asked before {RUN}"
+    key = field.encoder.text_hash(clean_text(query), query=True)
+    forget_query_vectors()
+    list(Passage.objects.semantic_search(query, k=1))
+    store = cache.get_store(queries=True)
+    client = store.client()
+    assert 0 < client.ttl(store.key(cache.QUERY_KEY_PREFIX + key)) <= 120
+    assert not client.exists(store.key(cache.KEY_PREFIX + key))
