@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import read_path  # noqa: E402  (sets the read path's environment, adjusted below)
-from bench.report import write_section  # noqa: E402
+from bench.report import elapsed_logger, write_section  # noqa: E402
 
 # Its own test database (test_semantic_6) and Redis database, beside read_path's slot 5.
 os.environ["SEMANTIC_TEST_SLOT"] = "6"
@@ -133,9 +133,7 @@ def main():
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     began = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - began:6.1f} s] {message}", file=sys.stderr, flush=True)
+    log = elapsed_logger(began)
 
     import django
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.report import write_section  # noqa: E402
+from bench.report import elapsed_logger, write_section  # noqa: E402
 
 SAMPLE_SECONDS = 5
 CHECKED_ROWS = 60  # edited rows whose chunk vectors are re-encoded and compared
@@ -59,9 +59,7 @@ def main():
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     began = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - began:6.1f} s] {message}", file=sys.stderr, flush=True)
+    log = elapsed_logger(began)
 
     import django
 
@@ -89,6 +87,8 @@ def main():
                    stdout=subprocess.DEVNULL)
     # The admin's CSS and scripts, served by whitenoise as in production.
     subprocess.run([*manage, "collectstatic", "--noinput"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+
+    from project.devservices import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -127,12 +127,6 @@ def main():
     failures = sum(row["failures"] for run in runs for row in run["rows"])
     if failures or not check["ok"]:
         sys.exit(1)
-
-
-def free_port():
-    from project.devservices import free_port as pick
-
-    return pick()
 
 
 def wait_for(url, log, timeout=60):

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_section  # noqa: E402
+from bench.report import elapsed_logger, write_section  # noqa: E402
 os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
 # Its own test database (test_semantic_5) and Redis database: other test runs
 # on the same PostgreSQL and Redis are not disturbed.
@@ -461,9 +461,7 @@ def main():
                         help="also measure a chunked table of --rows documents x ~4 chunks")
     args = parser.parse_args()
     began = time.perf_counter()
-
-    def log(message):
-        print(f"[{time.perf_counter() - began:6.1f} s] {message}", file=sys.stderr, flush=True)
+    log = elapsed_logger(began)
 
     import django
 

@@ -4,11 +4,22 @@ Each script owns one section, ``<!-- name:start -->`` … ``<!-- name:end -->``;
 running it again replaces that section and leaves the others as they are.
 """
 
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nScripts under `bench/`; each writes its own section between markers.\n"
+
+
+def elapsed_logger(began):
+    """A ``log(message)`` that prints to stderr with the seconds since ``began`` (a perf_counter value)."""
+
+    def log(message):
+        print(f"[{time.perf_counter() - began:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    return log
 
 
 def write_section(name, text, path=BENCHMARKS):

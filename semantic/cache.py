@@ -62,15 +62,15 @@ class RawCache:
     """A Django RedisCache alias used for raw values: its key names and its redis client, never its serializer."""
 
     def __init__(self, alias):
-        cache = caches[alias]
-        if not isinstance(cache, RedisCache):
+        if not is_supported(alias):
+            cache = caches[alias]
             raise ImproperlyConfigured(
                 f"SEMANTIC cache alias {alias!r} is a {type(cache).__module__}.{type(cache).__name__}; semantic needs "
                 "django.core.cache.backends.redis.RedisCache (it stores raw bytes there, where other backends pickle), "
                 "or the alias None for no cache (semantic.E014)."
             )
         self.alias = alias
-        self.cache = cache
+        self.cache = caches[alias]
 
     def key(self, name):
         return self.cache.make_and_validate_key(name)

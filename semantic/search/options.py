@@ -151,17 +151,19 @@ def clean_query(query):
 
 def check_k(k):
     """ValueError unless ``k`` is None or a positive integer of at most SEMANTIC["MAX_K"]."""
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k must be a positive integer, not {k!r}.")
-    if k is not None and k > semantic_settings.MAX_K:
-        raise ValueError(f"k must be at most {semantic_settings.MAX_K} (SEMANTIC['MAX_K']), not {k}.")
+    _check_count("k", k, "MAX_K")
 
 
 def check_candidates(candidates):
     """ValueError unless ``candidates`` is None or a positive integer of at most SEMANTIC["MAX_CANDIDATES"]."""
-    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
-        raise ValueError(f"candidates must be a positive integer, not {candidates!r}.")
-    if candidates is not None and candidates > semantic_settings.MAX_CANDIDATES:
-        raise ValueError(
-            f"candidates must be at most {semantic_settings.MAX_CANDIDATES} (SEMANTIC['MAX_CANDIDATES']), not {candidates}."
-        )
+    _check_count("candidates", candidates, "MAX_CANDIDATES")
+
+
+def _check_count(name, value, setting):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}.")
+    limit = getattr(semantic_settings, setting)
+    if value > limit:
+        raise ValueError(f"{name} must be at most {limit} (SEMANTIC[{setting!r}]), not {value}.")
