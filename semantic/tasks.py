@@ -4,11 +4,13 @@ the models when a worker starts. The work itself is semantic.worker's.
 """
 
 import logging
+import time
 
 from celery import shared_task
 from celery.signals import worker_process_init, worker_ready
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
+from django.db import InterfaceError, OperationalError, connections
 
 from semantic.conf import semantic_settings
 from semantic.encoders import get_encoder
@@ -19,6 +21,14 @@ from semantic.wakeups import enqueue_embedding, release_wake_key
 from semantic.worker import embed_stale_rows
 
 logger = logging.getLogger("semantic")
+
+# Seconds between a task's tries after its database connection failed. A
+# worker keeps its connection between tasks (CONN_MAX_AGE), so a PostgreSQL
+# restart or failover while it waits leaves the next task a dead connection:
+# that task reconnects and tries again, instead of failing and leaving the
+# rows to the periodic sweep minutes later. About 15 s in all; a database
+# down for longer is the sweep's to catch up on.
+RECONNECT_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def field_from_label(model_label, field_name):
@@ -32,8 +42,28 @@ def field_from_label(model_label, field_name):
 
 @shared_task(name="semantic.embed_stale", acks_late=True, ignore_result=True)
 def embed_stale(model_label, field_name, using="default"):
-    """Embed every pending row of one (model, field); the coalesced wake-up target."""
+    """Embed every pending row of one (model, field); the coalesced wake-up target.
+
+    A failed database connection is closed and the work tried again after
+    each of RECONNECT_DELAYS; what a try committed stays (claims are per
+    row), so a retry only does what is still pending.
+    """
     field = field_from_label(model_label, field_name)
+    for delay in RECONNECT_DELAYS:
+        try:
+            return _embed_pending(field, using)
+        except (OperationalError, InterfaceError):
+            logger.warning(
+                "semantic: database connection failed while embedding %s.%s; reconnecting in %.1fs",
+                model_label, field_name, delay, exc_info=True,
+            )
+            connections[using].close()
+            time.sleep(delay)
+    return _embed_pending(field, using)
+
+
+def _embed_pending(field, using):
+    model_label, field_name = field.model._meta.label, field.name
     totals = embed_stale_rows(field, using)
     if not totals.out_of_time:
         # Clear the coalescing key, then look once more: a save that found
