@@ -78,7 +78,7 @@ def main():
 
     from project.demo.models import Article
     from semantic.distances import vector_literal
-    from semantic.search.query_vectors import forget_query_vectors
+    from semantic.retrieval.query_vectors import forget_query_vectors
 
     field = Article._meta.get_field("embedding")
     chunk_model = field.chunk_model
@@ -181,7 +181,7 @@ def main():
         f"The demo's {rows_total:,} BBC articles ({chunks_total:,} chunks, all-MiniLM-L6-v2, HNSW m=16 on the chunk table), "
         f"{len(texts)} short news queries, k={K}, {platform.machine()}, {os.cpu_count()} cores shared with other jobs: "
         "compare rows within this run. Variants interleaved query by query; medians. The connection starts with the "
-        "index settings (`semantic.search.session.connection_options()`, set in the project's DATABASES), so the raw SQL "
+        "index settings (`semantic.retrieval.session.connection_options()`, set in the project's DATABASES), so the raw SQL "
         "and the ORM both run in one round trip.",
         "",
         f"The automatic choice for the unfiltered call: `{chosen}` (an exact scan would compare ~{chunks_total:,} chunk vectors, "

@@ -32,7 +32,7 @@ WORDS = (
     "market growth shares profit court minister music album striker league chancellor budget "
     "software virus network award director festival injury coach tax pension bank strike"
 ).split()
-TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
+TOPICS = ["business", "entertainment", "politics", "sports", "tech"]  # the demo's
 # Editors are greenlets of one thread: Django's connection is per thread, so
 # their ORM saves take turns on it.
 ORM = Semaphore()

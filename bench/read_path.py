@@ -258,7 +258,7 @@ def best_chunk_truth(owners, vectors, queries, keep_documents=None):
 
 def chunked_search(args, log, connection):
     """The chunked table at the same size: exact, index path and auto, unfiltered and filtered at 10% and 1%."""
-    from semantic.search import estimates
+    from semantic.retrieval import estimates
     from tests.testapp.models import ChunkedHeadline
 
     log(f"generating chunks for {args.rows} documents")
@@ -474,8 +474,8 @@ def main():
     from django.test.utils import override_settings
     from pgvector import Vector
 
-    from semantic.search.query_vectors import embed_query
-    from semantic.search.session import search_settings
+    from semantic.retrieval.query_vectors import embed_query
+    from semantic.retrieval.session import search_settings
     from semantic.rerank import get_reranker
     from tests.modelfactory import build_tiny_cross_encoder, build_tiny_model
     from tests.searchapp.models import Headline
@@ -575,14 +575,14 @@ def run(args, log, connection, transaction, Vector, search_settings, embed_query
 
 
 def estimated_rows(queryset):
-    from semantic.search.chunks import row_filters
-    from semantic.search.estimates import planned_rows
+    from semantic.retrieval.chunks import row_filters
+    from semantic.retrieval.estimates import planned_rows
 
     return planned_rows(queryset.db, row_filters(queryset.query))
 
 
 def orm_versus_raw(args, log, connection, transaction, Vector, search_settings, Headline, queries):
-    from semantic.search.session import set_local
+    from semantic.retrieval.session import set_local
 
     table = Headline._meta.db_table
     # (queryset, options, topic filter, queries, full set of variants?)
@@ -742,7 +742,7 @@ def rerank_cost(args, log, embed_query, get_reranker, Headline, semantic_setting
 
 
 def text_query_cost(log, Headline):
-    from semantic.search.query_vectors import forget_query_vectors
+    from semantic.retrieval.query_vectors import forget_query_vectors
 
     """semantic_search(text): a new text (encode), a text in Redis only, a text seen by this process."""
     nonce = f"{time.time_ns():x}"

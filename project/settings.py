@@ -118,7 +118,7 @@ else:
     DATABASES = {"default": devservices.embedded_postgres(DATA_DIR)}
 
 # Every connection starts with the vector index settings of a default search
-# (semantic.search.session.connection_options() prints them for other
+# (semantic.retrieval.session.connection_options() prints them for other
 # SEMANTIC values), so a search needs no SET LOCAL and no transaction of its
 # own: one round trip instead of four.
 _options = DATABASES["default"].setdefault("OPTIONS", {})

@@ -98,7 +98,7 @@ DEFAULTS = {
     # exact=None: what an index walk costs, in vector comparisons. A search
     # whose exact scan compares fewer vectors (the filtered rows, or their
     # chunks; planner estimate) scans exactly; a filter keeping a share s of
-    # the rows lengthens the walk (semantic.search.options).
+    # the rows lengthens the walk (semantic.retrieval.options).
     "EXACT_SEARCH_THRESHOLD": 2_000,
     # Hybrid search: PostgreSQL text search configuration, reciprocal rank
     # fusion constant, and how many candidates each ranking contributes.

@@ -274,7 +274,7 @@ def evaluate(
     from django.core.exceptions import ImproperlyConfigured
 
     from semantic.fields import get_embedding_field
-    from semantic.search.query_vectors import embed_query
+    from semantic.retrieval.query_vectors import embed_query
     from semantic.rerank import is_reranking_configured
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -354,7 +354,7 @@ def _text_document(field, text_fields):
     """The full-text document of the field's text columns (see hybrid_search), or None when it has none."""
     from django.core.exceptions import ImproperlyConfigured
 
-    from semantic.search.hybrid import text_search_document
+    from semantic.retrieval.hybrid import text_search_document
 
     try:
         return text_search_document(field, text_fields)
@@ -399,7 +399,7 @@ def _fulltext_ranker(queryset, field, id_field, depth, text_fields, any_word=Fal
     from django.contrib.postgres.search import SearchQuery
 
     from semantic.conf import semantic_settings
-    from semantic.search.hybrid import text_ranking
+    from semantic.retrieval.hybrid import text_ranking
 
     config = semantic_settings.HYBRID_TEXT_CONFIG
     document = _text_document(field, text_fields)

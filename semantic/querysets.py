@@ -15,9 +15,9 @@ from django.db import models
 
 from semantic.conf import semantic_settings
 from semantic.fields import embedding_fields, get_embedding_field
-from semantic.search import hybrid, nearest, pinned, reranked
-from semantic.search.options import SearchOptions, check_candidates, check_k, clean_query
-from semantic.search.query_vectors import embed_query
+from semantic.retrieval import hybrid, nearest, pinned, reranked
+from semantic.retrieval.options import SearchOptions, check_candidates, check_k, clean_query
+from semantic.retrieval.query_vectors import embed_query
 from semantic.status import searchable_q, stale_marks
 from semantic.wakeups import schedule_embedding
 
@@ -104,7 +104,7 @@ class SemanticQuerySet(models.QuerySet):
             schedule_embedding(self.model, field.name, using=self.db)
 
     # --- read path ------------------------------------------------------------
-    # The search itself lives in semantic.search; these methods check their
+    # The search itself lives in semantic.retrieval; these methods check their
     # arguments and hand over.
 
     def semantic_search(self, query, *, field=None, k=None, min_score=None, rerank=False, candidates=None, **options):
@@ -126,7 +126,7 @@ class SemanticQuerySet(models.QuerySet):
         and ``score`` still annotated. That evaluates the candidates at once;
         the returned QuerySet holds just those rows.
 
-        The query's control characters become spaces (semantic.search.options.clean_query).
+        The query's control characters become spaces (semantic.retrieval.options.clean_query).
         Raises ValueError for an empty query or one longer than
         SEMANTIC["QUERY_MAX_CHARS"], a ``k`` or ``candidates`` outside 1 to
         SEMANTIC["MAX_K"] / ["MAX_CANDIDATES"], or an option out of range;
@@ -147,7 +147,7 @@ class SemanticQuerySet(models.QuerySet):
     def nearest(self, vector, *, field=None, k=None, min_score=None, **options):
         """Like semantic_search, for a query vector already computed.
 
-        How the rows are found (semantic.search.options.SearchOptions),
+        How the rows are found (semantic.retrieval.options.SearchOptions),
         applied with ``SET LOCAL`` inside the query's own transaction (a
         savepoint rolled back afterwards when the caller is already in one),
         so nothing leaks to other queries:
@@ -164,7 +164,7 @@ class SemanticQuerySet(models.QuerySet):
           (1000); otherwise it offers the index with the settings above,
           leaving sequential scans on (a plan the planner costs lower is
           exact). When the connection already has those settings
-          (semantic.search.session.connection_options) the search runs in
+          (semantic.retrieval.session.connection_options) the search runs in
           one round trip.
 
         ``ef_search`` (HNSW, default SEMANTIC["EF_SEARCH"] or pgvector's 40,
@@ -174,7 +174,7 @@ class SemanticQuerySet(models.QuerySet):
 
         A field with ``chunks=True`` ranks each row by its best-matching
         chunk (``by_chunk``, default True for such fields), in one statement
-        (semantic.search.chunks): ``distance`` is that chunk's,
+        (semantic.retrieval.chunks): ``distance`` is that chunk's,
         ``best_chunk_id`` names it, and fetched instances carry it as
         ``row.best_chunk`` (with ``text``, ``start``, ``end``). Each row comes
         once. ``by_chunk=False`` ranks by the row's own vector (the mean of
@@ -265,7 +265,7 @@ class SemanticQuerySet(models.QuerySet):
         )
 
     def pinned(self, ranked, order_by, rows=None):
-        """A QuerySet of exactly the rows in ``ranked``, annotated and ordered (see semantic.search.pinned)."""
+        """A QuerySet of exactly the rows in ``ranked``, annotated and ordered (see semantic.retrieval.pinned)."""
         if self._search_plan is not None:
             raise TypeError("pinned() takes the rows before a search, not a search.")
         return pinned.pinned(self, ranked, order_by, rows)

@@ -154,7 +154,7 @@ def store_chunks(rows, chunk_vectors):
     """
     from django.db import connection
 
-    from semantic.search import estimates
+    from semantic.retrieval import estimates
 
     model = type(rows[0])
     chunk_model = model._meta.get_field("embedding").chunk_model

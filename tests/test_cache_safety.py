@@ -21,7 +21,7 @@ from django.test import override_settings
 from semantic import cache
 from semantic.checks import check_caches
 from semantic.hashing import clean_text
-from semantic.search.query_vectors import forget_query_vectors
+from semantic.retrieval.query_vectors import forget_query_vectors
 from semantic.worker import embed_batch
 from tests.conftest import store_as_fresh
 from tests.searchapp.models import Passage

@@ -13,7 +13,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from semantic.search.sql import SearchQuery
+from semantic.retrieval.sql import SearchQuery
 from tests.conftest import store_as_fresh, store_chunks
 from tests.searchapp.models import ChunkedPassage
 

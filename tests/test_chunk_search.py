@@ -9,7 +9,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from semantic.distances import get_metric
-from semantic.search.query_vectors import embed_query
+from semantic.retrieval.query_vectors import embed_query
 from semantic.worker import embed_stale_rows
 from tests.testapp.models import LongNote, Note, TruncatedNote
 

@@ -15,7 +15,7 @@ from django.db import connection, transaction
 from django.db.models.expressions import RawSQL
 from sentence_transformers import util
 
-from semantic.search.query_vectors import embed_query
+from semantic.retrieval.query_vectors import embed_query
 from tests.conftest import store_as_fresh
 from tests.searchapp.models import IpPassage, Passage
 

@@ -11,7 +11,7 @@ from django.db import connection
 from sentence_transformers import util
 
 from project.demo.corpus import iter_articles
-from semantic.search.query_vectors import embed_query
+from semantic.retrieval.query_vectors import embed_query
 from tests.conftest import store_as_fresh
 from tests.searchapp.models import Headline
 

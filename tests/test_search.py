@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from django.db import transaction
 
-from semantic.search.query_vectors import embed_query
+from semantic.retrieval.query_vectors import embed_query
 from tests.conftest import wait_until
 from tests.testapp.models import Note
 

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from semantic.search.options import EXACT, MAX_INDEX_LIMIT, SearchOptions, check_candidates, check_k, clean_query
-from semantic.search.session import connection_options
+from semantic.retrieval.options import EXACT, MAX_INDEX_LIMIT, SearchOptions, check_candidates, check_k, clean_query
+from semantic.retrieval.session import connection_options
 
 
 def never():

@@ -4,7 +4,7 @@ from django.shortcuts import render
 from django_ratelimit.core import is_ratelimited
 
 from project.demo.models import Article
-from semantic.search.options import clean_query
+from semantic.retrieval.options import clean_query
 from semantic.status import FRESH, count_statuses
 
 RESULTS = 10

@@ -22,7 +22,7 @@ from django.db import connections, transaction
 
 from semantic.conf import semantic_settings
 
-# Every setting a search may apply (semantic.search.options).
+# Every setting a search may apply (semantic.retrieval.options).
 SEARCH_SETTINGS = ("enable_indexscan", "enable_seqscan", "hnsw.ef_search", "hnsw.iterative_scan", "ivfflat.iterative_scan", "ivfflat.probes")
 
 

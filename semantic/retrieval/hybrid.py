@@ -10,8 +10,8 @@ from django.db.models import F
 from semantic.conf import semantic_settings
 from semantic.distances import get_metric
 from semantic.fields import is_column
-from semantic.search.pinned import pinned
-from semantic.search.session import search_settings
+from semantic.retrieval.pinned import pinned
+from semantic.retrieval.session import search_settings
 
 
 def text_search_document(field, text_fields=None, config=None):

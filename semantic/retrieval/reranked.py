@@ -4,7 +4,7 @@ Two-stage search: the vector search's candidates, ordered by the configured cros
 
 from semantic.conf import semantic_settings
 from semantic.rerank import get_reranker
-from semantic.search.pinned import pinned
+from semantic.retrieval.pinned import pinned
 
 
 def reranked(queryset, by_vector, query, field, *, k):

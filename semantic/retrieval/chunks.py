@@ -16,7 +16,7 @@ keeps the best chunk of each owner and joins the rows::
     ) AS semantic_best ON semantic_best.owner_id = <row table>.<pk>
     WHERE <the row QuerySet's filters> ORDER BY semantic_best.distance LIMIT k
 
-The derived table is added by the compiler (semantic.search.sql), from the
+The derived table is added by the compiler (semantic.retrieval.sql), from the
 QuerySet as it is when it runs: filters added after the search restrict the
 chunk scan too, so a filtered search still finds its k rows. The inner scan
 takes ``n = k * CHUNKS_PER_RESULT`` chunks (all of them when the search is not

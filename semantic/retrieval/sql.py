@@ -3,7 +3,7 @@ The SQL of a search: the Query class every search QuerySet carries, and its comp
 
 Two things a plain Query cannot do:
 
-* a search by chunk joins a derived table of best chunks (semantic.search.chunks);
+* a search by chunk joins a derived table of best chunks (semantic.retrieval.chunks);
 * compiling a QuerySet costs as much as the query it compiles on a fast
   index scan (measured ~0.4 ms for a 10-row HNSW search that PostgreSQL
   answers in ~3 ms), and the common call, ``Model.objects.nearest(v, k=10)``
@@ -20,7 +20,7 @@ from django.core.signals import setting_changed
 from django.db.models.sql.query import Query
 
 from semantic.conf import SETTING_NAME
-from semantic.search.chunks import BEST_CHUNK_ANNOTATIONS
+from semantic.retrieval.chunks import BEST_CHUNK_ANNOTATIONS
 
 SQL_CACHE_SIZE = 256
 _compiled = {}
@@ -29,7 +29,7 @@ _compiled = {}
 class SearchQuery(Query):
     """The Query of a search QuerySet (see the module docstring).
 
-    ``search_shape`` (set by semantic.search.nearest.build) describes what
+    ``search_shape`` (set by semantic.retrieval.nearest.build) describes what
     the search added: the query is *plain* while nothing else was added.
     ``chunk_search`` is the ChunkSearch of a search by chunk, else None.
     """

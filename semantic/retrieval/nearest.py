@@ -4,10 +4,10 @@ Nearest-neighbour search as a lazy QuerySet: how it is built, and how it runs.
 ``build`` turns a QuerySet into a search (annotations ``distance`` and
 ``score``, ordered by distance, the vector column deferred). The rows are
 compared by their own vector, or, for a chunked field, by their best chunk
-(semantic.search.chunks). ``run`` evaluates such a QuerySet under its index
-settings (semantic.search.session), chosen per query by the options
-(semantic.search.options) and, for the automatic choice, the planner's
-estimate of what an exact scan would compare (semantic.search.estimates).
+(semantic.retrieval.chunks). ``run`` evaluates such a QuerySet under its index
+settings (semantic.retrieval.session), chosen per query by the options
+(semantic.retrieval.options) and, for the automatic choice, the planner's
+estimate of what an exact scan would compare (semantic.retrieval.estimates).
 """
 
 import functools
@@ -21,7 +21,7 @@ from django.db.models.sql.where import AND
 
 from semantic.conf import SETTING_NAME
 from semantic.distances import get_metric, vector_literal
-from semantic.search.chunks import (
+from semantic.retrieval.chunks import (
     CHUNKS_PER_RESULT,
     ChunkSearch,
     SearchColumn,
@@ -30,10 +30,10 @@ from semantic.search.chunks import (
     best_column,
     row_filters,
 )
-from semantic.search.estimates import planned_rows, scan_estimate, table_rows
-from semantic.search.query_vectors import as_query_vector
-from semantic.search.session import search_settings
-from semantic.search.sql import SearchQuery
+from semantic.retrieval.estimates import planned_rows, scan_estimate, table_rows
+from semantic.retrieval.query_vectors import as_query_vector
+from semantic.retrieval.session import search_settings
+from semantic.retrieval.sql import SearchQuery
 from semantic.status import searchable_q
 
 SEARCH_ANNOTATIONS = ("distance", "score", "best_chunk_id")
@@ -54,7 +54,7 @@ class SearchShape:
     ``unfiltered``: the search was built on every row of the table;
     ``where_size``: its WHERE's size then. While both hold, the table's
     statistics say how many rows an exact scan compares, and the compiled
-    SQL can be reused (semantic.search.sql). ``key`` names everything else
+    SQL can be reused (semantic.retrieval.sql). ``key`` names everything else
     the SQL depends on.
     """
 
@@ -248,7 +248,7 @@ def index_settings(queryset):
 
 
 def applied_settings(queryset):
-    """A context manager running its block under ``queryset``'s index settings (semantic.search.session)."""
+    """A context manager running its block under ``queryset``'s index settings (semantic.retrieval.session)."""
     return search_settings(queryset.db, index_settings(queryset), keeps_locks=bool(queryset.query.select_for_update))
 
 
@@ -269,7 +269,7 @@ def fetch(queryset, fetch_all):
 
     Instances of a search by chunk come with ``best_chunk`` (fetched in the
     same statement). A bounded chunk scan that found fewer than k rows runs
-    again unbounded (see semantic.search.chunks).
+    again unbounded (see semantic.retrieval.chunks).
     """
     chunk_search = queryset.query.chunk_search
     instances = queryset._iterable_class is models.query.ModelIterable
