@@ -182,15 +182,37 @@ def cpu_seconds(processes):
     return total
 
 
-def postgres_processes():
-    """This data directory's postmaster and its backends (not another cluster's on the machine)."""
+def postmaster():
+    """This data directory's postmaster (not another cluster's on the machine)."""
     from django.conf import settings
 
     pgdata = str(Path(settings.DATA_DIR) / "postgres")
     for process in psutil.process_iter(["cmdline"]):
         if process.info["cmdline"] and pgdata in process.info["cmdline"]:
-            return [process, *process.children(recursive=True)]
-    return []
+            return process
+    raise RuntimeError(f"no postmaster for {pgdata}")
+
+
+def tree_cpu(root):
+    """CPU seconds used by ``root`` and every process it started, ended ones included.
+
+    A process that has ended (a PostgreSQL backend after its connection
+    closed) counts in its parent's children_* times once reaped; those
+    still running count their own.
+    """
+    try:
+        times = root.cpu_times()
+        total = times.user + times.system + times.children_user + times.children_system
+        children = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    return total + cpu_seconds(children)
+
+
+def machine_busy_seconds():
+    """CPU seconds the whole machine spent busy (every process, this run's or not)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def load(users, minutes, url, env, web, worker, log):
@@ -206,8 +228,9 @@ def load(users, minutes, url, env, web, worker, log):
 
     sampler = threading.Thread(target=sample, daemon=True)
     csv_prefix = Path(env.get("TMPDIR", "/tmp")) / f"semantic-load-{users}"
-    parts = {"web (gunicorn)": tree(web), "worker (celery)": tree(worker), "PostgreSQL": postgres_processes()}
-    cpu_before = {name: cpu_seconds(processes) for name, processes in parts.items()}
+    parts = {"web (gunicorn)": psutil.Process(web.pid), "worker (celery)": psutil.Process(worker.pid), "PostgreSQL": postmaster()}
+    cpu_before = {name: tree_cpu(root) for name, root in parts.items()}
+    busy_before = machine_busy_seconds()
     started = time.perf_counter()
     sampler.start()
     locust = subprocess.Popen(
@@ -228,8 +251,10 @@ def load(users, minutes, url, env, web, worker, log):
     stop.set()
     sampler.join()
     seconds = time.perf_counter() - started
-    cpu = {name: cpu_seconds(processes) - cpu_before[name] for name, processes in parts.items()}
+    cpu = {name: tree_cpu(root) - cpu_before[name] for name, root in parts.items()}
     cpu["locust"] = locust_cpu
+    # Whatever else ran on the machine meanwhile: how noisy the run was.
+    cpu["other processes"] = max(0.0, machine_busy_seconds() - busy_before - sum(cpu.values()))
     rows = read_stats(Path(f"{csv_prefix}_stats.csv"))
     if not rows:
         raise RuntimeError(f"locust wrote no statistics:\n{stderr[-3000:]}")
