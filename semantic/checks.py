@@ -33,10 +33,20 @@ def check_settings(app_configs=None, **kwargs):
                 id="semantic.E010",
             )
         )
-    for name in ("CLAIM_SIZE", "MAX_CHUNKS", "MAX_ATTEMPTS", "QUERY_MAX_CHARS", "MAX_K", "MAX_CANDIDATES"):
+    for name in ("CLAIM_SIZE", "MAX_CHUNKS", "MAX_ATTEMPTS", "QUERY_MAX_CHARS", "MAX_K", "MAX_CANDIDATES", "DIVERSITY_CANDIDATES"):
         value = getattr(semantic_settings, name)
         if not _positive_int(value):
             errors.append(checks.Error(f"SEMANTIC[{name!r}] must be a positive integer, not {value!r}.", id="semantic.E010"))
+    threshold = semantic_settings.COLLAPSE_THRESHOLD
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        errors.append(
+            checks.Error(
+                f"SEMANTIC['COLLAPSE_THRESHOLD'] must be a cosine similarity in (0, 1], not {threshold!r}.",
+                hint="It is what collapse=True uses: results at least this similar to a better one are dropped "
+                "(0.95 keeps distinct stories on one subject apart on the demo's corpus; 1.0 drops exact copies only).",
+                id="semantic.E010",
+            )
+        )
     return errors
 
 

@@ -112,12 +112,42 @@ DEFAULTS = {
     "RERANKER": None,
     # Candidates the vector search hands to the cross-encoder.
     "RERANK_CANDIDATES": 50,
+    # --- duplicates and diversity ----------------------------------------------
+    # collapse=True: a result whose row vector has at least this cosine
+    # similarity with a better-ranked kept result is dropped. On the demo's
+    # BBC articles (all-MiniLM-L6-v2) every pair with identical bodies scores
+    # >= 0.97, 0.95-0.97 holds rewrites of one event, and distinct articles of
+    # a running story begin below (0.92-0.947): BENCHMARKS.md, "Duplicates
+    # and diversity". Other models spread scores differently: measure yours.
+    "COLLAPSE_THRESHOLD": 0.95,
+    # Top rows of the search (or fused rows of hybrid_search) that collapse=
+    # and diversity= choose from: at least k; semantic_search's candidates=
+    # overrides it; with rerank=True they choose from the rerank candidates.
+    # On the demo 50 costs ~11 ms a search over a plain top 10 (a k=50
+    # search is most of it); fewer is cheaper but changes the choice.
+    "DIVERSITY_CANDIDATES": 50,
     # Bounds on what one search may ask for, enforced by the library itself
     # (a ValueError), so no view can forget them: query texts come from
     # visitors. A longer query is refused, not truncated.
     "QUERY_MAX_CHARS": 1000,
     "MAX_K": 1000,
     "MAX_CANDIDATES": 1000,
+    # --- search page and template tags (semantic.views, semantic.templatetags)
+    # Anonymous searches per client address, in django-ratelimit's syntax
+    # ("30/m"; behind a proxy set RATELIMIT_IP_META_KEY); None: no limit.
+    # Each new query runs the model in the web process: this bounds what
+    # one address can make it do. Signed-in users are not limited.
+    "SEARCH_RATE": "30/m",
+    # Ranked results one search page holds, and how many a page shows.
+    "VIEW_MAX_RESULTS": 100,
+    "VIEW_PAGINATE_BY": 10,
+    # Duplicates collapsed and diversity, on in the view (off in the ORM):
+    # the values of semantic_search's collapse= and diversity=.
+    "VIEW_COLLAPSE": True,
+    "VIEW_DIVERSITY": 0.3,
+    # Seconds {% similar_items %} keeps a row's neighbours. They are keyed by
+    # the row's vector, so an edited row never shows its old neighbours.
+    "SIMILAR_CACHE_TIMEOUT": 60 * 60,
 }
 
 MODEL_DEFAULTS = {

@@ -11,12 +11,16 @@ distance, with ``distance`` and ``score`` annotated, so any filter can be
 added before or after; slice it (or pass ``k``) to take the top results.
 """
 
+import numpy as np
 from django.db import models
+from django.db.models import BinaryField, F, Func
+from django.db.models.query import ModelIterable
 
 from semantic.conf import semantic_settings
 from semantic.fields import embedding_fields, get_embedding_field
+from semantic.retrieval import diversity as diversify
 from semantic.retrieval import hybrid, nearest, pinned, reranked
-from semantic.retrieval.options import SearchOptions, check_candidates, check_k, clean_query
+from semantic.retrieval.options import DiversityOptions, SearchOptions, check_candidates, check_k, clean_query
 from semantic.retrieval.query_vectors import embed_query
 from semantic.status import searchable_q, stale_marks
 from semantic.wakeups import schedule_embedding
@@ -107,7 +111,19 @@ class SemanticQuerySet(models.QuerySet):
     # The search itself lives in semantic.retrieval; these methods check their
     # arguments and hand over.
 
-    def semantic_search(self, query, *, field=None, k=None, min_score=None, rerank=False, candidates=None, **options):
+    def semantic_search(
+        self,
+        query,
+        *,
+        field=None,
+        k=None,
+        min_score=None,
+        rerank=False,
+        candidates=None,
+        collapse=None,
+        diversity=None,
+        **options,
+    ):
         """Rows ordered by distance to the embedding of ``query``.
 
         Annotates ``distance`` and ``score`` (similarity, higher is closer;
@@ -126,25 +142,54 @@ class SemanticQuerySet(models.QuerySet):
         and ``score`` still annotated. That evaluates the candidates at once;
         the returned QuerySet holds just those rows.
 
+        ``collapse`` and ``diversity`` (both off by default) choose the top
+        ``k`` (default 10) from the search's ``candidates`` best rows
+        (default SEMANTIC["DIVERSITY_CANDIDATES"], at least k), in one pass:
+        ``collapse=True`` (or a cosine threshold in (0, 1]; True is
+        SEMANTIC["COLLAPSE_THRESHOLD"]) drops each row whose row vector is
+        at least that similar to a better-ranked row kept, so copies of one
+        text show once; ``diversity`` in (0, 1] then orders the rest by
+        maximal marginal relevance (semantic.retrieval.diversity: 0 is the
+        plain ranking, higher values trade relevance for rows unlike those
+        above them). The result is evaluated at once, like reranking's, and
+        ordered as chosen (not by ``score``). With ``rerank=True`` the
+        cross-encoder orders the rerank candidates first, and collapse and
+        diversity choose from that order, by ``rerank_score``.
+
         The query's control characters become spaces (semantic.retrieval.options.clean_query).
         Raises ValueError for an empty query or one longer than
         SEMANTIC["QUERY_MAX_CHARS"], a ``k`` or ``candidates`` outside 1 to
         SEMANTIC["MAX_K"] / ["MAX_CANDIDATES"], or an option out of range;
-        TypeError for an unknown option.
+        TypeError for an unknown option, or for ``collapse``/``diversity``
+        on a ``values()`` QuerySet (call ``values()`` on the result).
         """
         query = clean_query(query)
         check_k(k)
         check_candidates(candidates)
+        spread = self._diversity_options(collapse, diversity)
         search_options = SearchOptions.from_kwargs(**options)
         embedding_field = get_embedding_field(self.model, field)
         vector = embed_query(embedding_field, query)
-        if not rerank:
+        if not rerank and spread is None:
             return self._nearest(vector, embedding_field, k, min_score, search_options)
         k = k or 10
+        if not rerank:
+            by_vector = self._nearest(vector, embedding_field, spread.pool(k, candidates), min_score, search_options)
+            return self._diversified(_with_row_vectors(by_vector, embedding_field), spread, k, ("score", "distance"))
         by_vector = self._nearest(vector, embedding_field, reranked.rerank_candidates(k, candidates), min_score, search_options)
-        return reranked.reranked(self, by_vector, query, embedding_field, k=k)
+        if spread is None:
+            return reranked.reranked(self, by_vector, query, embedding_field, k=k)
+        # Every candidate, ordered by the cross-encoder; then the choice.
+        by_reranker = reranked.reranked(
+            _with_row_vectors(self, embedding_field),
+            _with_row_vectors(by_vector, embedding_field),
+            query,
+            embedding_field,
+            k=by_vector.query.high_mark,
+        )
+        return self._diversified(by_reranker, spread, k, ("rerank_score", "distance", "score"))
 
-    def nearest(self, vector, *, field=None, k=None, min_score=None, **options):
+    def nearest(self, vector, *, field=None, k=None, min_score=None, collapse=None, diversity=None, **options):
         """Like semantic_search, for a query vector already computed.
 
         How the rows are found (semantic.retrieval.options.SearchOptions),
@@ -179,23 +224,64 @@ class SemanticQuerySet(models.QuerySet):
         ``row.best_chunk`` (with ``text``, ``start``, ``end``). Each row comes
         once. ``by_chunk=False`` ranks by the row's own vector (the mean of
         its chunks).
+
+        ``collapse`` and ``diversity`` as in semantic_search, over the top
+        SEMANTIC["DIVERSITY_CANDIDATES"] rows (at least ``k``, default 10).
         """
         check_k(k)
+        spread = self._diversity_options(collapse, diversity)
         search_options = SearchOptions.from_kwargs(**options)
-        return self._nearest(vector, get_embedding_field(self.model, field), k, min_score, search_options)
+        embedding_field = get_embedding_field(self.model, field)
+        if spread is None:
+            return self._nearest(vector, embedding_field, k, min_score, search_options)
+        return self._nearest_diversified(vector, embedding_field, k, min_score, search_options, spread)
 
     def _nearest(self, vector, embedding_field, k, min_score, options):
         return nearest.build(self, vector, embedding_field, k=k, min_score=min_score, options=options)
 
-    def similar_to(self, obj, *, field=None, k=None, min_score=None, **options):
+    def _nearest_diversified(self, vector, embedding_field, k, min_score, options, spread):
+        k = k or 10
+        by_vector = self._nearest(vector, embedding_field, spread.pool(k), min_score, options)
+        return self._diversified(_with_row_vectors(by_vector, embedding_field), spread, k, ("score", "distance"))
+
+    def _diversity_options(self, collapse, diversity):
+        """Validated ``collapse``/``diversity`` (None when both are off); TypeError on a values() QuerySet."""
+        spread = DiversityOptions.from_args(collapse, diversity)
+        if spread is not None and self._iterable_class is not ModelIterable:
+            raise TypeError(
+                "collapse and diversity choose among model instances; search first, then call values() or values_list()."
+            )
+        return spread
+
+    def _diversified(self, candidates, spread, k, scores):
+        """The top ``k`` of ``candidates`` (a search of this QuerySet's rows, best first) after collapse and diversity.
+
+        Each candidate carries its row vector (``_with_row_vectors``); the
+        first of ``scores`` is the relevance MMR weighs, and every name in
+        ``scores`` is annotated on the result. Returns a pinned QuerySet in
+        the chosen order.
+        """
+        rows = list(candidates)
+        if not rows:
+            return self.none()
+        vectors = np.stack([_row_vector(row) for row in rows])
+        relevance = [getattr(row, scores[0]) for row in rows]
+        chosen = diversify.select(vectors, relevance, k, collapse_threshold=spread.collapse, diversity=spread.diversity)
+        ranked = [(rows[i].pk, {name: getattr(rows[i], name) for name in scores}) for i in chosen]
+        return pinned.pinned(self, ranked, "_rank", rows={row.pk: row for row in rows})
+
+    def similar_to(self, obj, *, field=None, k=None, min_score=None, collapse=None, diversity=None, **options):
         """Rows nearest to ``obj``'s stored vector, ``obj`` itself left out.
 
         ``obj`` is an instance or a primary key. Raises ValueError when it has
         no vector yet (its text is empty, or the worker has not embedded it).
-        Accepts the index options of ``nearest``; rows are compared by their
-        own vectors unless ``by_chunk=True``.
+        Accepts the index options of ``nearest`` and its ``collapse`` and
+        ``diversity`` (``obj`` is not a candidate, so of its own copies the
+        best-ranked one is kept, like any group of copies); rows are compared
+        by their own vectors unless ``by_chunk=True``.
         """
         check_k(k)
+        spread = self._diversity_options(collapse, diversity)
         embedding_field = get_embedding_field(self.model, field)
         pk = obj.pk if isinstance(obj, models.Model) else obj
         vector = (
@@ -212,7 +298,10 @@ class SemanticQuerySet(models.QuerySet):
         # Whole row against whole rows: the row vector is what "similar" means here.
         options.setdefault("by_chunk", False)
         search_options = SearchOptions.from_kwargs(**options)
-        return self.exclude(pk=pk)._nearest(vector, embedding_field, k, min_score, search_options)
+        others = self.exclude(pk=pk)
+        if spread is None:
+            return others._nearest(vector, embedding_field, k, min_score, search_options)
+        return others._nearest_diversified(vector, embedding_field, k, min_score, search_options, spread)
 
     def hybrid_search(
         self,
@@ -224,6 +313,8 @@ class SemanticQuerySet(models.QuerySet):
         weights=(1.0, 1.0),
         candidates=None,
         config=None,
+        collapse=None,
+        diversity=None,
         **options,
     ):
         """Rows ranked by reciprocal rank fusion of vector and full-text search.
@@ -244,25 +335,35 @@ class SemanticQuerySet(models.QuerySet):
         For large tables give the text a GIN index (an expression index on
         the same ``to_tsvector``, or a SearchVectorField passed as
         ``text_fields``), or the text ranking scans every filtered row.
+
+        ``collapse`` and ``diversity`` as in semantic_search: they choose the
+        top ``k`` from the SEMANTIC["DIVERSITY_CANDIDATES"] best fused rows
+        (at least k), MMR weighing ``hybrid_score`` as relevance.
         """
         query = clean_query(query)
         check_k(k)
         check_candidates(candidates)
+        spread = self._diversity_options(collapse, diversity)
         search_options = SearchOptions.from_kwargs(**options)
         embedding_field = get_embedding_field(self.model, field)
         candidates = max(int(candidates or semantic_settings.HYBRID_CANDIDATES), k)
         by_vector = self._nearest(embed_query(embedding_field, query), embedding_field, candidates, None, search_options)
-        return hybrid.hybrid_search(
-            self,
+        fused = hybrid.hybrid_search(
+            # The fused rows are fetched from this QuerySet: with collapse or
+            # diversity they bring their row vectors along.
+            self if spread is None else _with_row_vectors(self, embedding_field),
             by_vector,
             query,
             embedding_field,
-            k=k,
+            k=k if spread is None else spread.pool(k),
             text_fields=text_fields,
             weights=weights,
             candidates=candidates,
             config=config,
         )
+        if spread is None:
+            return fused
+        return self._diversified(fused, spread, k, ("hybrid_score", "vector_rank", "text_rank", "distance", "score"))
 
     def pinned(self, ranked, order_by, rows=None):
         """A QuerySet of exactly the rows in ``ranked``, annotated and ordered (see semantic.retrieval.pinned)."""
@@ -326,6 +427,26 @@ class SemanticQuerySet(models.QuerySet):
 
 
 SemanticQuerySet._search_plan = None
+
+# What collapse and diversity read of each candidate: its row vector in
+# pgvector's binary form (vector_send / halfvec_send: a 16-bit dimension
+# count, 16 unused bits, then the values big-endian). Parsing the text form
+# of 50 384-dimension vectors in Python costs ~15 ms, more than the search.
+ROW_VECTOR = "_row_vector"
+
+
+def _with_row_vectors(queryset, field):
+    """``queryset`` with each row's own ``field`` vector annotated as ROW_VECTOR, in binary."""
+    send = Func(F(field.attname), function=f"{field.storage_type.name}_send", output_field=BinaryField())
+    return queryset.annotate(**{ROW_VECTOR: send})
+
+
+def _row_vector(row):
+    """The float32 vector of a row fetched through ``_with_row_vectors``; the bytes are dropped from the row."""
+    data = bytes(row.__dict__.pop(ROW_VECTOR))
+    dimensions = int.from_bytes(data[:2], "big")
+    width = (len(data) - 4) // dimensions if dimensions else 4
+    return np.frombuffer(data, dtype=">f4" if width == 4 else ">f2", offset=4).astype(np.float32)
 
 
 class SemanticManager(models.Manager.from_queryset(SemanticQuerySet)):

@@ -8,7 +8,10 @@ The read side: similarity search over the rows of a QuerySet.
 * chunks: ranking rows by their best chunk, in one statement;
 * nearest: building a search QuerySet and running it;
 * hybrid: fusion with PostgreSQL full-text ranking;
-* pinned and reranked: results ordered by a score computed elsewhere.
+* pinned and reranked: results ordered by a score computed elsewhere;
+* diversity: collapse of near-duplicates and maximal marginal relevance
+  over a search's top candidates (numpy only; the QuerySet fetches the
+  candidates with their row vectors and pins the choice).
 
 ``SemanticQuerySet`` (semantic.querysets) is the thin public face of it.
 """

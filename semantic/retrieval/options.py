@@ -4,9 +4,12 @@ How a vector search finds its rows: one validated object for the index options.
 ``exact``, ``ef_search``, ``probes``, ``iterative_scan`` and ``by_chunk`` are
 accepted by every search method (``nearest``, ``semantic_search``,
 ``similar_to``, ``hybrid_search``); they are checked once, here, and carried
-by the QuerySet's clones.
+by the QuerySet's clones. ``collapse`` and ``diversity`` (what is done to the
+top candidates once found) are checked here too, as ``DiversityOptions``.
 """
 
+import math
+import numbers
 import re
 from dataclasses import dataclass, fields
 
@@ -167,3 +170,63 @@ def _check_count(name, value, setting):
     limit = getattr(semantic_settings, setting)
     if value > limit:
         raise ValueError(f"{name} must be at most {limit} (SEMANTIC[{setting!r}]), not {value}.")
+
+
+@dataclass(frozen=True)
+class DiversityOptions:
+    """What a search does to its top candidates besides ranking them (semantic.retrieval.diversity).
+
+    * ``collapse``: a cosine-similarity threshold in (0, 1]: a result whose
+      row vector is at least that similar to a better-ranked kept result is
+      dropped. The caller's True means SEMANTIC["COLLAPSE_THRESHOLD"].
+    * ``diversity``: the maximal-marginal-relevance weight in (0, 1]
+      (0, plain ranking, is stored as None).
+
+    Build it with ``from_args``, which validates what a caller passed.
+    """
+
+    collapse: float | None = None
+    diversity: float | None = None
+
+    @classmethod
+    def from_args(cls, collapse=None, diversity=None):
+        """The options of ``collapse=`` and ``diversity=`` as a caller passes them; None when both are off.
+
+        ``collapse``: None or False (off), True (SEMANTIC["COLLAPSE_THRESHOLD"])
+        or a number in (0, 1]; ``diversity``: None, 0 (off) or a number in
+        (0, 1]. Raises ValueError naming the argument (and the setting) for
+        anything else: out of range, NaN, a string, a bool for ``diversity``.
+        """
+        if collapse is None or collapse is False:
+            threshold = None
+        elif collapse is True:
+            threshold = _fraction(
+                "SEMANTIC['COLLAPSE_THRESHOLD'] (what collapse=True uses)", semantic_settings.COLLAPSE_THRESHOLD
+            )
+        else:
+            threshold = _fraction("collapse", collapse, accepted="None, False, True (SEMANTIC['COLLAPSE_THRESHOLD']) or ")
+        if diversity is None:
+            weight = None
+        else:
+            weight = _fraction("diversity", diversity, zero=True, accepted="None, 0 (off) or ") or None
+        if threshold is None and weight is None:
+            return None
+        return cls(threshold, weight)
+
+    def pool(self, k, candidates=None):
+        """How many of the search's top rows collapse and diversity choose from: at least k.
+
+        ``candidates`` when given, else SEMANTIC["DIVERSITY_CANDIDATES"].
+        """
+        return max(int(candidates or semantic_settings.DIVERSITY_CANDIDATES), k)
+
+
+def _fraction(name, value, *, zero=False, accepted=""):
+    """``value`` as a float in (0, 1] ([0, 1] with ``zero``); ValueError naming ``name`` otherwise."""
+    interval = "[0, 1]" if zero else "(0, 1]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {accepted}a number in {interval}, not {value!r}.")
+    number = float(value)
+    if math.isnan(number) or not (0.0 <= number <= 1.0) or (number == 0.0 and not zero):
+        raise ValueError(f"{name} must be {accepted}a number in {interval}, not {value!r}.")
+    return number
