@@ -3,14 +3,24 @@ semantic: semantic search over Django models with pgvector.
 
 Declare an EmbeddingField over some text fields, give the model a
 SemanticManager, run a Celery worker, and search with
-``Model.objects.semantic_search("query")``.
+``Model.objects.semantic_search("query")``, or across several models with
+``semantic.search("query", models=[Article, FAQ])``.
 """
 
 from semantic.fields import EmbeddingField
 from semantic.querysets import SemanticManager, SemanticQuerySet
+from semantic.retrieval.across_models import search
 from semantic.tables import FillFactor
 
-__all__ = ["EmbeddingField", "FillFactor", "SemanticManager", "SemanticQuerySet", "SemanticAdminMixin", "EmbeddingStatusFilter"]
+__all__ = [
+    "EmbeddingField",
+    "FillFactor",
+    "SemanticManager",
+    "SemanticQuerySet",
+    "search",
+    "SemanticAdminMixin",
+    "EmbeddingStatusFilter",
+]
 
 # The admin names load django.contrib.admin: only when asked for, so that
 # importing semantic (while apps load, or without the admin) stays light.
