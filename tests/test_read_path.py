@@ -307,3 +307,9 @@ def test_hostile_search_inputs_are_refused_or_cleaned_by_the_library(passages):
         assert [row.pk for row in search("passage\x00 1\x07", k=5, exact=True)] == [
             row.pk for row in search("passage 1", k=5, exact=True)
         ]
+
+
+@pytest.mark.django_db
+def test_a_search_of_no_rows_is_empty_not_an_error(passages):
+    assert list(Passage.objects.none().nearest(query_vector(2), k=3)) == []
+    assert list(Passage.objects.filter(pk__in=[]).nearest(query_vector(2), k=3)) == []

@@ -12,6 +12,7 @@ for a minute per process: no round trip on the common call).
 import json
 import time
 
+from django.core.exceptions import EmptyResultSet
 from django.db import connections
 
 STATISTICS_TTL = 60.0
@@ -42,8 +43,11 @@ def forget_table_statistics():
 
 
 def planned_rows(using, query):
-    """The planner's estimate of the rows ``query`` (a Query) returns."""
-    sql, params = query.get_compiler(using=using).as_sql()
+    """The planner's estimate of the rows ``query`` (a Query) returns (0 for one Django knows matches nothing)."""
+    try:
+        sql, params = query.get_compiler(using=using).as_sql()
+    except EmptyResultSet:  # .none(), pk__in=[]
+        return 0.0
     with connections[using].cursor() as cursor:
         cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
         plan = cursor.fetchone()[0]
