@@ -69,15 +69,33 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "semantic",
     "project.demo",
+    # The demo's REST API (/api/articles/, described at /api/schema/).
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
 ]
 
-# Anonymous searches per visitor address (django-ratelimit, counted in the
-# default cache with INCRBY: atomic. Not in INSTALLED_APPS: its only check
-# warns that Django's own RedisCache is "not officially supported"). Behind a proxy, set RATELIMIT_IP_META_KEY to the header
-# the proxy sets (e.g. "HTTP_X_FORWARDED_FOR"). With the cache unreachable
-# searches are allowed: the library's own bounds still hold
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Sessions only (staff signed in through the admin): HTTP Basic would run
+    # the password hasher on every request that carries credentials, a cost
+    # any anonymous client could ask for.
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "semantic demo API",
+    "DESCRIPTION": "BBC News articles, searched by meaning.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Anonymous searches per visitor address: SEMANTIC["SEARCH_RATE"] below,
+# counted by django-ratelimit in the default cache with INCRBY (atomic; not
+# in INSTALLED_APPS: its only check warns that Django's own RedisCache is
+# "not officially supported"). Behind a proxy, set RATELIMIT_IP_META_KEY to
+# the header the proxy sets (e.g. "HTTP_X_FORWARDED_FOR"). With the cache
+# unreachable searches are allowed: the library's own bounds still hold
 # (SEMANTIC's QUERY_MAX_CHARS, MAX_K, MAX_CANDIDATES).
-SEARCH_RATE = os.environ.get("SEARCH_RATE", "30/m")
 RATELIMIT_FAIL_OPEN = True
 
 MIDDLEWARE = [
@@ -154,6 +172,7 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 SEMANTIC = {
     "DEVICE": os.environ.get("SEMANTIC_DEVICE", "auto"),
     "QUEUE": os.environ.get("SEMANTIC_QUEUE", "semantic"),
+    "SEARCH_RATE": os.environ.get("SEARCH_RATE", "30/m"),
 }
 
 # Celery: Redis broker, JSON only (a worker running as root refuses pickle).

@@ -121,3 +121,29 @@ def test_data_flows_one_way():
         assert "semantic.tasks" not in dependencies(graph, module), module
     # Modules never import the package facade (semantic/__init__.py) that re-exports them.
     assert not [module for module, targets in graph.items() if "semantic" in targets and module != "semantic"]
+
+
+def test_only_contrib_imports_rest_framework():
+    """The app works without DRF: only semantic.contrib imports it (or drf-spectacular), anywhere in a module.
+
+    (django-filter is different: semantic.views imports it only when a view
+    is given filters, and says so when it is missing.)
+    """
+    optional = {"rest_framework", "drf_spectacular"}
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = module_name(path)
+        if module == "semantic.contrib" or module.startswith("semantic.contrib."):
+            continue
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names.add(node.module.split(".")[0])
+        if names & optional:
+            offenders[module] = sorted(names & optional)
+    assert offenders == {}
+    # The check reads what it should: contrib's module does import DRF.
+    contrib = (PACKAGE / "contrib" / "rest_framework.py").read_text()
+    assert "from rest_framework" in contrib

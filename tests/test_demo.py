@@ -70,7 +70,7 @@ def test_the_reported_nul_urls_answer_without_an_error_page(client, demo_article
 
 
 def test_anonymous_searches_are_rate_limited_per_address(client, admin_client, demo_articles, settings):
-    settings.SEARCH_RATE = "3/m"
+    settings.SEMANTIC = {**settings.SEMANTIC, "SEARCH_RATE": "3/m"}
     statuses = [client.get("/", {"q": f"rate limited search {i}"}, REMOTE_ADDR="203.0.113.7").status_code for i in range(5)]
     assert statuses == [200, 200, 200, 429, 429]
     # Another address, and signed-in staff, are not counted against it.
@@ -90,3 +90,22 @@ def test_admin_lists_articles(admin_client, demo_articles):
     response = admin_client.get("/admin/demo/article/")
     assert response.status_code == 200
     assert demo_articles.first().title in response.content.decode()
+
+
+def test_an_unknown_topic_is_a_message(client, demo_articles):
+    response = client.get("/", {"q": "profits", "topic": "astrology"})
+    assert response.status_code == 400
+    assert "Invalid filter: topic" in response.context["error"]
+
+
+def test_search_results_link_to_article_pages_with_similar_articles(client, demo_articles):
+    target = demo_articles.get(source_file="business/001.txt")
+    results = client.get("/", {"q": target.title}).context["results"]
+    assert results[0].get_absolute_url() == f"/articles/{target.pk}/"
+    response = client.get(f"/articles/{target.pk}/")
+    assert response.status_code == 200
+    expected = list(Article.objects.similar_to(target, k=5))
+    html = response.content.decode()
+    positions = [html.index(f'href="/articles/{row.pk}/"') for row in expected]
+    assert positions == sorted(positions) and len(expected) == 5
+    assert client.get("/articles/999999/").status_code == 404

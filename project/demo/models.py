@@ -1,4 +1,5 @@
 from django.db import models
+from django.urls import reverse
 from pgvector.django import HnswIndex
 
 from semantic import EmbeddingField, SemanticManager
@@ -29,3 +30,6 @@ class Article(models.Model):
 
     def __str__(self):
         return self.title
+
+    def get_absolute_url(self):
+        return reverse("article", args=[self.pk])
