@@ -268,7 +268,7 @@ class SemanticQuerySet(models.QuerySet):
         relevance = [getattr(row, scores[0]) for row in rows]
         chosen = diversify.select(vectors, relevance, k, collapse_threshold=spread.collapse, diversity=spread.diversity)
         ranked = [(rows[i].pk, {name: getattr(rows[i], name) for name in scores}) for i in chosen]
-        return pinned.pinned(self, ranked, "_rank", rows={row.pk: row for row in rows})
+        return pinned.pinned(self, ranked, pinned.RANK, rows={row.pk: row for row in rows})
 
     def similar_to(self, obj, *, field=None, k=None, min_score=None, collapse=None, diversity=None, **options):
         """Rows nearest to ``obj``'s stored vector, ``obj`` itself left out.
@@ -365,11 +365,11 @@ class SemanticQuerySet(models.QuerySet):
             return fused
         return self._diversified(fused, spread, k, ("hybrid_score", "vector_rank", "text_rank", "distance", "score"))
 
-    def pinned(self, ranked, order_by, rows=None):
+    def pinned(self, ranked, order_by=pinned.RANK, rows=None, types=None):
         """A QuerySet of exactly the rows in ``ranked``, annotated and ordered (see semantic.retrieval.pinned)."""
         if self._search_plan is not None:
             raise TypeError("pinned() takes the rows before a search, not a search.")
-        return pinned.pinned(self, ranked, order_by, rows)
+        return pinned.pinned(self, ranked, order_by, rows, types)
 
     # --- evaluation under the search's index settings --------------------------
 

@@ -1,3 +1,5 @@
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVector
 from django.db import models
 from django.urls import reverse
 from pgvector.django import HnswIndex
@@ -21,6 +23,10 @@ class Article(models.Model):
     class Meta:
         ordering = ["topic", "source_file"]
         indexes = [
+            # The same expression hybrid (and keyword) search ranks by, so the
+            # planner matches it: a hybrid search at k=100 went from 614 ms
+            # (to_tsvector of every article per query) to 42 ms.
+            GinIndex(SearchVector("title", "body", config="english"), name="demo_article_text_gin"),
             HnswIndex(
                 name="demo_article_embedding_hnsw",
                 fields=["embedding"],

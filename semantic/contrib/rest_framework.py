@@ -44,10 +44,8 @@ without searching again. Importing this module needs djangorestframework;
 nothing else in ``semantic`` imports it.
 """
 
-from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ImproperlyConfigured
 from django.db import models
-from django.db.models.functions import Cast
 from django.template import loader
 from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
@@ -58,10 +56,9 @@ from rest_framework.throttling import BaseThrottle
 from semantic.conf import semantic_settings
 from semantic.ratelimits import over_search_rate
 from semantic.retrieval.options import check_k, clean_query
+from semantic.retrieval.pinned import RANK, pinned
 
 SEARCH_MODES = ("semantic", "hybrid")
-# 1-based position of a row in the ranking; the results' default order.
-RANK = "search_rank"
 _FLOAT, _INTEGER = models.FloatField(), models.IntegerField()
 # What each mode annotates on its results (the names the ORM search
 # annotates), with their SQL types.
@@ -149,7 +146,7 @@ class SemanticSearchFilter(BaseFilterBackend):
                 f"{type(view).__name__}'s queryset is a {type(queryset).__name__}; "
                 "SemanticSearchFilter needs a SemanticQuerySet (give the model a SemanticManager)."
             )
-        return pinned(queryset, self.rank(queryset, query, mode, view), MODE_ANNOTATIONS[mode])
+        return pinned(queryset, self.rank(queryset, query, mode, view), RANK, types=MODE_ANNOTATIONS[mode])
 
     def rank(self, queryset, query, mode, view):
         """Run the search: its rows best first, as ``[(pk, {annotation: value}), ...]``.
@@ -291,44 +288,3 @@ class SemanticScoreField(serializers.FloatField):
 
 def _is_ranked(queryset):
     return RANK in queryset.query.annotations
-
-
-def pinned(queryset, ranked, types):
-    """``queryset``'s rows in ``ranked`` (``[(pk, {name: value}), ...]`` best first), lazily.
-
-    Annotated ``search_rank`` (1-based) and each value, typed by ``types``
-    ({name: model field}), ordered by ``search_rank``. The values travel as
-    one array parameter each and are picked by the row's position, so the
-    SQL stays the same size whatever k is (a ``CASE`` per row would grow
-    with it), and counting or slicing the result reads only those rows.
-    """
-    if not ranked:
-        return queryset.none()
-    pk_field = queryset.model._meta.pk
-    position = models.Func(
-        _array([pk for pk, _ in ranked], pk_field), models.F("pk"), function="array_position", output_field=_INTEGER
-    )
-    annotations = {RANK: position}
-    for name, field in types.items():
-        annotations[name] = _Element(_array([values[name] for _, values in ranked], field), position, output_field=field)
-    return queryset.filter(pk__in=[pk for pk, _ in ranked]).annotate(**annotations).order_by(RANK)
-
-
-def _array(values, base_field):
-    field = ArrayField(base_field)
-    # The cast names the element type: the driver would pick one from the
-    # values (smallint for small numbers), and array_position() compares
-    # only equal types.
-    return Cast(models.Value(values, output_field=field), output_field=field)
-
-
-class _Element(models.Func):
-    """``array[index]`` (PostgreSQL arrays count from 1)."""
-
-    arity = 2
-
-    def as_sql(self, compiler, connection, **extra_context):
-        (array_sql, array_params), (index_sql, index_params) = (
-            compiler.compile(expression) for expression in self.get_source_expressions()
-        )
-        return f"({array_sql})[{index_sql}]", (*array_params, *index_params)
