@@ -11,15 +11,12 @@ distance, with ``distance`` and ``score`` annotated, so any filter can be
 added before or after; slice it (or pass ``k``) to take the top results.
 """
 
-import numpy as np
 from django.db import models
-from django.db.models import BinaryField, F, Func
 from django.db.models.query import ModelIterable
 
 from semantic.conf import semantic_settings
 from semantic.fields import embedding_fields, get_embedding_field
-from semantic.retrieval import diversity as diversify
-from semantic.retrieval import hybrid, nearest, pinned, reranked
+from semantic.retrieval import diversified, hybrid, nearest, pinned, reranked
 from semantic.retrieval.options import DiversityOptions, SearchOptions, check_candidates, check_k, clean_query
 from semantic.retrieval.query_vectors import embed_query
 from semantic.status import searchable_q, stale_marks
@@ -175,19 +172,20 @@ class SemanticQuerySet(models.QuerySet):
         k = k or 10
         if not rerank:
             by_vector = self._nearest(vector, embedding_field, spread.pool(k, candidates), min_score, search_options)
-            return self._diversified(_with_row_vectors(by_vector, embedding_field), spread, k, ("score", "distance"))
+            candidates = diversified.with_row_vectors(by_vector, embedding_field)
+            return diversified.diversified(self, candidates, spread, k, ("score", "distance"))
         by_vector = self._nearest(vector, embedding_field, reranked.rerank_candidates(k, candidates), min_score, search_options)
         if spread is None:
             return reranked.reranked(self, by_vector, query, embedding_field, k=k)
         # Every candidate, ordered by the cross-encoder; then the choice.
         by_reranker = reranked.reranked(
-            _with_row_vectors(self, embedding_field),
-            _with_row_vectors(by_vector, embedding_field),
+            diversified.with_row_vectors(self, embedding_field),
+            diversified.with_row_vectors(by_vector, embedding_field),
             query,
             embedding_field,
             k=by_vector.query.high_mark,
         )
-        return self._diversified(by_reranker, spread, k, ("rerank_score", "distance", "score"))
+        return diversified.diversified(self, by_reranker, spread, k, ("rerank_score", "distance", "score"))
 
     def nearest(self, vector, *, field=None, k=None, min_score=None, collapse=None, diversity=None, **options):
         """Like semantic_search, for a query vector already computed.
@@ -242,7 +240,8 @@ class SemanticQuerySet(models.QuerySet):
     def _nearest_diversified(self, vector, embedding_field, k, min_score, options, spread):
         k = k or 10
         by_vector = self._nearest(vector, embedding_field, spread.pool(k), min_score, options)
-        return self._diversified(_with_row_vectors(by_vector, embedding_field), spread, k, ("score", "distance"))
+        candidates = diversified.with_row_vectors(by_vector, embedding_field)
+        return diversified.diversified(self, candidates, spread, k, ("score", "distance"))
 
     def _diversity_options(self, collapse, diversity):
         """Validated ``collapse``/``diversity`` (None when both are off); TypeError on a values() QuerySet."""
@@ -252,23 +251,6 @@ class SemanticQuerySet(models.QuerySet):
                 "collapse and diversity choose among model instances; search first, then call values() or values_list()."
             )
         return spread
-
-    def _diversified(self, candidates, spread, k, scores):
-        """The top ``k`` of ``candidates`` (a search of this QuerySet's rows, best first) after collapse and diversity.
-
-        Each candidate carries its row vector (``_with_row_vectors``); the
-        first of ``scores`` is the relevance MMR weighs, and every name in
-        ``scores`` is annotated on the result. Returns a pinned QuerySet in
-        the chosen order.
-        """
-        rows = list(candidates)
-        if not rows:
-            return self.none()
-        vectors = np.stack([_row_vector(row) for row in rows])
-        relevance = [getattr(row, scores[0]) for row in rows]
-        chosen = diversify.select(vectors, relevance, k, collapse_threshold=spread.collapse, diversity=spread.diversity)
-        ranked = [(rows[i].pk, {name: getattr(rows[i], name) for name in scores}) for i in chosen]
-        return pinned.pinned(self, ranked, pinned.RANK, rows={row.pk: row for row in rows})
 
     def similar_to(self, obj, *, field=None, k=None, min_score=None, collapse=None, diversity=None, **options):
         """Rows nearest to ``obj``'s stored vector, ``obj`` itself left out.
@@ -351,7 +333,7 @@ class SemanticQuerySet(models.QuerySet):
         fused = hybrid.hybrid_search(
             # The fused rows are fetched from this QuerySet: with collapse or
             # diversity they bring their row vectors along.
-            self if spread is None else _with_row_vectors(self, embedding_field),
+            self if spread is None else diversified.with_row_vectors(self, embedding_field),
             by_vector,
             query,
             embedding_field,
@@ -363,7 +345,7 @@ class SemanticQuerySet(models.QuerySet):
         )
         if spread is None:
             return fused
-        return self._diversified(fused, spread, k, ("hybrid_score", "vector_rank", "text_rank", "distance", "score"))
+        return diversified.diversified(self, fused, spread, k, ("hybrid_score", "vector_rank", "text_rank", "distance", "score"))
 
     def pinned(self, ranked, order_by=pinned.RANK, rows=None, types=None):
         """A QuerySet of exactly the rows in ``ranked``, annotated and ordered (see semantic.retrieval.pinned)."""
@@ -427,26 +409,6 @@ class SemanticQuerySet(models.QuerySet):
 
 
 SemanticQuerySet._search_plan = None
-
-# What collapse and diversity read of each candidate: its row vector in
-# pgvector's binary form (vector_send / halfvec_send: a 16-bit dimension
-# count, 16 unused bits, then the values big-endian). Parsing the text form
-# of 50 384-dimension vectors in Python costs ~15 ms, more than the search.
-ROW_VECTOR = "_row_vector"
-
-
-def _with_row_vectors(queryset, field):
-    """``queryset`` with each row's own ``field`` vector annotated as ROW_VECTOR, in binary."""
-    send = Func(F(field.attname), function=f"{field.storage_type.name}_send", output_field=BinaryField())
-    return queryset.annotate(**{ROW_VECTOR: send})
-
-
-def _row_vector(row):
-    """The float32 vector of a row fetched through ``_with_row_vectors``; the bytes are dropped from the row."""
-    data = bytes(row.__dict__.pop(ROW_VECTOR))
-    dimensions = int.from_bytes(data[:2], "big")
-    width = (len(data) - 4) // dimensions if dimensions else 4
-    return np.frombuffer(data, dtype=">f4" if width == 4 else ">f2", offset=4).astype(np.float32)
 
 
 class SemanticManager(models.Manager.from_queryset(SemanticQuerySet)):

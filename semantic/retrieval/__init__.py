@@ -10,8 +10,9 @@ The read side: similarity search over the rows of a QuerySet.
 * hybrid: fusion with PostgreSQL full-text ranking;
 * pinned and reranked: results ordered by a score computed elsewhere;
 * diversity: collapse of near-duplicates and maximal marginal relevance
-  over a search's top candidates (numpy only; the QuerySet fetches the
-  candidates with their row vectors and pins the choice).
+  over a search's top candidates (numpy only), and diversified: fetching
+  the candidates with their row vectors and pinning the choice;
+* across_models: one search over several models (``semantic.search``).
 
 ``SemanticQuerySet`` (semantic.querysets) is the thin public face of it.
 """
