@@ -322,6 +322,24 @@ def check_edited_rows(tag, log):
             "ok": bool(edited) and not not_fresh and not wrong}
 
 
+def limit_statement(run):
+    """What limited the run, from the CPU it used: the cores (and which part used them), or something else."""
+    available = run["seconds"] * os.cpu_count()
+    busy = sum(run["cpu"].values()) / available
+    ours = {name: value for name, value in run["cpu"].items() if name != "other processes"}
+    top = max(ours, key=ours.get)
+    if busy >= 0.85:
+        return (
+            f"The cores were {busy:.0%} busy: the rate is bound by CPU, most of it {top}'s "
+            "(embedding each new query with the model, in the web process)."
+            if top.startswith("web") else f"The cores were {busy:.0%} busy: the rate is bound by CPU, most of it {top}'s."
+        )
+    return (
+        f"The cores were only {busy:.0%} busy: the users' own pace (each waits between requests) "
+        "set the rate; the server had room for more."
+    )
+
+
 def render(args, runs, drained_s, check, seconds):
     lines = [
         "## Load test",
@@ -355,7 +373,7 @@ def render(args, runs, drained_s, check, seconds):
             "CPU seconds used during the run (of "
             f"{run['seconds'] * os.cpu_count():.0f} available): "
             + ", ".join(f"{name} {value:.0f} ({value / cpu_total:.0%})" for name, value in run["cpu"].items())
-            + ".",
+            + ". " + limit_statement(run),
             "",
         ]
     lines += [
