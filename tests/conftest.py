@@ -79,6 +79,26 @@ def let_the_test_worker_finish(request):
             time.sleep(0.05)
 
 
+@pytest.fixture(autouse=True)
+def forget_wake_keys():
+    """After each test, clear every field's coalescing key.
+
+    A test that sends its wake-ups to a queue no worker reads leaves the
+    key set for COALESCE_SECONDS, and the next test's saves would send no
+    wake-up at all (seen in CI: test_tables, then a bulk_create test waiting
+    60 s for a worker nothing woke).
+    """
+    yield
+    from django.apps import apps
+
+    from semantic.fields import embedding_fields
+    from semantic.wakeups import release_wake_key
+
+    for model in apps.get_models():
+        for field in embedding_fields(model):
+            release_wake_key(model, field.name, "default")
+
+
 def wait_until(predicate, timeout=60, interval=0.05, message="condition"):
     """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
