@@ -167,6 +167,21 @@ def main():
                         timed("raw", raw, texts, best_size)
                     save(rows)  # new rows, the same texts: every chunk a cache hit
                     timed("warm", embed, "embedded")
+                    # What the HNSW indexes cost the pass: the same warm pass with
+                    # both tables' vector indexes dropped (and built again after).
+                    with connection.cursor() as cursor:
+                        cursor.execute(
+                            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN (%s, %s) AND indexdef ILIKE '%% USING hnsw %%'",
+                            [Article._meta.db_table, field.chunk_model._meta.db_table],
+                        )
+                        vector_indexes = cursor.fetchall()
+                        for name, _ in vector_indexes:
+                            cursor.execute(f'DROP INDEX "{name}"')
+                    save(rows)
+                    timed("warm_no_index", embed, "embedded")
+                    with connection.cursor() as cursor:
+                        for _, definition in vector_indexes:
+                            cursor.execute(definition)
                     Article.objects.mark_stale(wake=False)
                     timed("unchanged", embed, "confirmed")
                     # semantic_reindex --force: encoded again (cache hits), chunks unchanged.
@@ -262,6 +277,7 @@ def render(*, args, device, fp16, rows, texts, sweep, best_size, times, one_by_o
         f"| raw `encode()`, batch {best_size} | {median['raw']:.2f} ({spread('raw')}) | {texts / median['raw']:.0f} |",
         f"| worker pass, cold cache | {median['cold']:.2f} ({spread('cold')}) | {texts / median['cold']:.0f} |",
         f"| worker pass, warm cache: new rows, same texts | {median['warm']:.3f} ({spread('warm')}) | |",
+        f"| the same without the two HNSW indexes (row vectors, chunks) | {median['warm_no_index']:.3f} ({spread('warm_no_index')}) | |",
         f"| worker pass after `mark_stale()`, texts unchanged (hashes confirmed) | {median['unchanged']:.3f} ({spread('unchanged')}) | |",
         f"| the same, table with `semantic.FillFactor({FILLFACTOR})` (HOT updates) "
         f"| {median['unchanged_fillfactor']:.3f} ({spread('unchanged_fillfactor')}) | |",
@@ -280,6 +296,10 @@ def render(*, args, device, fp16, rows, texts, sweep, best_size, times, one_by_o
         f"| raw / cold, each repeat | {', '.join(f'{r / c:.2f}' for r, c in zip(times['raw'], times['cold']))} | | |",
         f"| raw `encode()` / (raw + warm pass): the worker's cost besides encoding, against this run's raw "
         f"| {statistics.median(r / (r + w) for r, w in zip(times['raw'], times['warm'])):.2f} | | |",
+        f"| the same without the HNSW indexes: what index maintenance leaves of the gap "
+        f"| {statistics.median(r / (r + w) for r, w in zip(times['raw'], times['warm_no_index'])):.2f} | | |",
+        f"| HNSW inserts' share of the worker's cost besides encoding "
+        f"| {statistics.median((w - n) / w for w, n in zip(times['warm'], times['warm_no_index'])):.0%} | | |",
         f"| worker pass cold / warm cache (new rows) | {ratio('cold', 'warm'):.1f} | | |",
         f"| worker per-row claims / batched | {per_row / median['cold']:.1f} | (raw one-by-one / batched: {one_by_one / median['raw']:.1f}) | |",
         "",
