@@ -2,7 +2,7 @@ import logging
 
 from django.apps import AppConfig, apps
 from django.db import DatabaseError, connections
-from django.db.models.signals import pre_migrate
+from django.db.models.signals import post_migrate, pre_migrate
 
 logger = logging.getLogger("semantic")
 
@@ -15,11 +15,14 @@ class SemanticConfig(AppConfig):
     def ready(self):
         from semantic import checks, signals  # noqa: F401  (registers the system checks)
         from semantic.fields import embedding_fields
+        from semantic.triggers import install_triggers
 
         for model in apps.get_models():
             if embedding_fields(model):
                 signals.connect(model)
         pre_migrate.connect(create_vector_extension, sender=self)
+        # After every app's migrations: the triggers' tables are other apps'.
+        post_migrate.connect(install_triggers, sender=self, dispatch_uid="semantic:install_triggers")
 
 
 def create_vector_extension(using="default", **kwargs):

@@ -56,7 +56,8 @@ from pgvector.django import VectorField
 
 from semantic.conf import semantic_settings
 from semantic.encoders import get_encoder
-from semantic.hashing import HASH_LENGTH, clean_text, content_hash
+from semantic.hashing import HASH_LENGTH, clean_text, content_hash, new_stale_mark
+from semantic.relations import attribute_text, has_attribute, is_path, parse_path, path_text, with_related
 
 SOURCE_SEPARATOR = "\n\n"
 
@@ -120,7 +121,7 @@ class EmbeddingHashField(HashColumn):
     def pre_save(self, model_instance, add):
         field = self.embedding_field(type(model_instance))
         if field is not None and field.source is not None:
-            setattr(model_instance, self.attname, field.compute_source_hash(model_instance))
+            setattr(model_instance, self.attname, field.saved_source_hash(model_instance))
         return super().pre_save(model_instance, add)
 
 
@@ -166,7 +167,11 @@ class EmbeddingField(VectorField):
 
     ``source`` is a field or attribute name, a list of them (joined with blank
     lines, empty ones skipped; a name of a method is called), or a callable
-    taking the instance and returning the text. ``model`` names an alias in
+    taking the instance and returning the text. A name may follow relations
+    as a query lookup does (``"author__name"``, ``"tags__name"``; many values
+    are joined by ", " in primary-key order), and ``depends_on`` lists the
+    relation paths a callable reads: either way, a change to those related
+    rows marks exactly the rows that reach them stale (semantic.relations). ``model`` names an alias in
     ``SEMANTIC["MODELS"]``. ``dimensions`` defaults to that alias's declared
     dimensions. A row whose text is empty or whitespace-only has no vector.
 
@@ -205,6 +210,7 @@ class EmbeddingField(VectorField):
         max_chunks=None,
         storage="vector",
         chunk_index=None,
+        depends_on=(),
         **kwargs,
     ):
         from semantic.chunking import chunk_index_options
@@ -218,6 +224,8 @@ class EmbeddingField(VectorField):
             raise ValueError("chunk_index sets the chunk table's index, and a field with chunks=False has no chunk table.")
         self.chunk_index = chunk_index_options(chunk_index)
         self.source = source
+        self.depends_on = tuple(depends_on)
+        self._related_paths = None
         self.model_alias = model
         self.chunks = chunks
         self.chunk_overlap = chunk_overlap
@@ -291,7 +299,7 @@ class EmbeddingField(VectorField):
         self.chunk_model = make_chunk_model(self)
 
     def deconstruct(self):
-        # source, model, chunks and chunk_overlap are behaviour, not schema
+        # source, depends_on, model, chunks and chunk_overlap are behaviour, not schema
         # (the chunk table is a model of its own): leaving them out keeps
         # migrations free of callables and of churn when they change. The
         # chunk_index is schema, but of the chunk table: its HnswIndex
@@ -387,12 +395,31 @@ class EmbeddingField(VectorField):
             return list(self.source)
         return []
 
+    def related_paths(self):
+        """The SourcePaths of the names in ``source`` and ``depends_on`` that follow relations.
+
+        Parsed once the models are ready; an invalid path raises ValueError
+        (semantic.E001 reports it).
+        """
+        if self._related_paths is None:
+            names = [*self.source_names(), *self.depends_on]
+            self._related_paths = tuple(parse_path(self.model, name) for name in dict.fromkeys(names) if is_path(name))
+        return self._related_paths
+
+    @property
+    def follows_relations(self):
+        """Whether the text depends on other tables' rows (see semantic.relations)."""
+        return any(is_path(name) for name in (*self.source_names(), *self.depends_on))
+
     def touched_by(self, field_names):
         """Whether writing ``field_names`` may change this field's text."""
         if callable(self.source):
             return True
         names = set(field_names)
         for name in self.source_names():
+            if is_path(name):
+                # The row's own part of a path: the foreign key of its first hop.
+                name = name.split("__", 1)[0]
             if name in names:
                 return True
             try:
@@ -427,7 +454,7 @@ class EmbeddingField(VectorField):
         """``queryset`` loading what ``build_text`` needs (plus ``extra`` fields), never the vector."""
         columns = self.text_columns()
         if columns is None:
-            return queryset.defer(self.attname)
+            return with_related(queryset.defer(self.attname), self.related_paths())
         return queryset.only("pk", *columns, *extra)
 
     def build_text(self, instance):
@@ -437,22 +464,28 @@ class EmbeddingField(VectorField):
         if callable(self.source):
             value = self.source(instance)
             return clean_text("" if value is None else str(value))
-        parts = []
-        for name in self.source_names():
-            value = getattr(instance, name)
-            if callable(value):
-                value = value()
-            if value is None:
-                continue
-            value = clean_text(str(value))
-            if value:
-                parts.append(value)
-        return SOURCE_SEPARATOR.join(parts)
+        paths = {path.name: path for path in self.related_paths()}
+        parts = [
+            path_text(instance, paths[name]) if name in paths else attribute_text(instance, name)
+            for name in self.source_names()
+        ]
+        return SOURCE_SEPARATOR.join(part for part in parts if part)
 
     def compute_source_hash(self, instance):
         """The hash the row should carry now, or None when it has no text."""
         text = self.build_text(instance)
         return self.text_hash(text) if text else None
+
+    def saved_source_hash(self, instance):
+        """What ``save()`` writes as the source hash: the text's hash, or a stale mark.
+
+        A text that follows relations is not known from the row being
+        saved (the related rows in memory may be outdated, a new row's
+        many-to-many is added after it is saved): the worker reads it.
+        """
+        if self.follows_relations:
+            return new_stale_mark()
+        return self.compute_source_hash(instance)
 
     def pre_save(self, model_instance, add):
         # The vector is the worker's (the source hash column hashes the text).
@@ -598,6 +631,25 @@ class EmbeddingField(VectorField):
                     id="semantic.E001",
                 )
             ]
+        invalid = []
+        names = self.depends_on if callable(self.source) else (*self.source_names(), *self.depends_on)
+        for name in names:
+            if not isinstance(name, str):
+                invalid.append(f"{name!r} is not a name")
+            elif is_path(name):
+                try:
+                    parse_path(self.model, name)
+                except ValueError as exc:
+                    invalid.append(str(exc))
+        if invalid:
+            return [
+                checks.Error(
+                    f"{self.model.__name__}.{self.name} has source paths that do not resolve: {' '.join(invalid)}",
+                    hint="A path follows relations as a query lookup does, e.g. 'author__name' or 'tags__name'.",
+                    obj=self,
+                    id="semantic.E001",
+                )
+            ]
         if callable(self.source):
             return []
         if not self.source_names() or not all(isinstance(n, str) for n in self.source_names()):
@@ -608,7 +660,7 @@ class EmbeddingField(VectorField):
                     id="semantic.E001",
                 )
             ]
-        missing = [n for n in self.source_names() if not _has_attribute(self.model, n)]
+        missing = [n for n in self.source_names() if not is_path(n) and not has_attribute(self.model, n)]
         if missing:
             return [
                 checks.Error(
@@ -710,14 +762,6 @@ def _declared_dimensions(alias):
     except ImproperlyConfigured:
         # Reported by the field's system check (semantic.E002), not at import.
         return None
-
-
-def _has_attribute(model, name):
-    try:
-        model._meta.get_field(name)
-        return True
-    except FieldDoesNotExist:
-        return hasattr(model, name)
 
 
 def is_column(model, name):

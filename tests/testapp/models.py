@@ -76,3 +76,43 @@ class ChunkedHeadline(models.Model):
     embedding = EmbeddingField(source="title")
 
     objects = SemanticManager()
+
+
+# --- sources that follow relations (semantic.relations) -----------------------
+
+
+class Publisher(models.Model):
+    name = models.CharField(max_length=100)
+
+
+class Author(models.Model):
+    name = models.CharField(max_length=100)
+    email = models.CharField(max_length=100, blank=True)
+    publisher = models.ForeignKey(Publisher, null=True, blank=True, on_delete=models.SET_NULL, related_name="authors")
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=100)
+
+
+def book_with_reviews(book):
+    """A callable source reading a reverse foreign key: declared with depends_on."""
+    return "\n".join([book.title, *(review.text for review in sorted(book.reviews.all(), key=lambda review: review.pk))])
+
+
+class Book(models.Model):
+    """Texts built across a foreign key (two hops), a many-to-many and, through a callable, a reverse foreign key."""
+
+    title = models.CharField(max_length=200)
+    author = models.ForeignKey(Author, null=True, blank=True, on_delete=models.SET_NULL, related_name="books")
+    tags = models.ManyToManyField(Tag, blank=True, related_name="books")
+
+    embedding = EmbeddingField(source=["title", "author__name", "author__publisher__name", "tags__name"], model="tiny")
+    reviewed = EmbeddingField(source=book_with_reviews, depends_on=["reviews__text"], model="tiny", chunks=False)
+
+    objects = SemanticManager()
+
+
+class Review(models.Model):
+    book = models.ForeignKey(Book, on_delete=models.CASCADE, related_name="reviews")
+    text = models.TextField()
