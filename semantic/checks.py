@@ -5,10 +5,11 @@ EmbeddingField.check). None of them loads a model.
 
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, ProgrammingError, transaction
+from django.db import DatabaseError, ProgrammingError, connections, transaction
 
 from semantic.conf import semantic_settings
 from semantic.status import FAILED, OUTDATED, count_statuses, embedding_fields_on
+from semantic.triggers import installed_triggers, wanted_triggers
 
 
 @checks.register("semantic")
@@ -133,6 +134,40 @@ def check_embedding_status(app_configs=None, databases=None, **kwargs):
                         id="semantic.W022",
                     )
                 )
+    return warnings
+
+
+@checks.register(checks.Tags.database)
+def check_triggers(app_configs=None, databases=None, **kwargs):
+    """semantic.W023: a field whose text follows relations lacks its triggers in the database.
+
+    Without them an edit of a related row leaves the rows that read it
+    fresh with their old text's vector until the nightly rehash. They are
+    installed by ``migrate``; a database migrated before the field's
+    source followed relations has none yet.
+    """
+    warnings = []
+    for using in databases or ():
+        connection = connections[using]
+        if connection.vendor != "postgresql":
+            continue
+        try:
+            with transaction.atomic(using=using):
+                present = installed_triggers(connection)
+                wanted = wanted_triggers(connection, using)
+        except DatabaseError:
+            continue  # the database cannot answer: nothing to say about it
+        missing = sorted({trigger.table for name, trigger in wanted.items() if name not in present})
+        if missing:
+            warnings.append(
+                checks.Warning(
+                    f"The triggers that mark rows stale when related rows change are missing on "
+                    f"{', '.join(missing)} in database {using!r}: edits there leave the rows that read "
+                    f"them fresh with their old text's vector until the nightly rehash.",
+                    hint="Run `manage.py migrate`: it installs them (semantic.triggers).",
+                    id="semantic.W023",
+                )
+            )
     return warnings
 
 

@@ -374,3 +374,18 @@ def test_random_related_edits_end_fresh_with_their_texts(library, oracle):
             embed_all()
     embed_all()
     assert_all_fresh_with_their_texts(oracle)
+
+
+def test_check_w023_names_the_tables_whose_triggers_are_missing_and_migrate_restores_them():
+    from django.core.management import call_command
+
+    from semantic.checks import check_triggers
+
+    assert check_triggers(databases=["default"]) == []
+    name = next(name for name, table in installed_triggers(connection).items() if table == Tag._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f'DROP FUNCTION "{name}"() CASCADE')
+    warnings = check_triggers(databases=["default"])
+    assert [w.id for w in warnings] == ["semantic.W023"] and Tag._meta.db_table in warnings[0].msg
+    call_command("migrate", verbosity=0)
+    assert check_triggers(databases=["default"]) == []
