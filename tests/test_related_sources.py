@@ -389,3 +389,51 @@ def test_check_w023_names_the_tables_whose_triggers_are_missing_and_migrate_rest
     assert [w.id for w in warnings] == ["semantic.W023"] and Tag._meta.db_table in warnings[0].msg
     call_command("migrate", verbosity=0)
     assert check_triggers(databases=["default"]) == []
+
+
+# --- paths: what resolves, and what a bad one says (no database) ------------------------
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("writer__name", "Book has no relation 'writer'"),
+        ("title__name", "Book.title is not a relation"),
+        ("author__nickname", "Author has no field or attribute 'nickname'"),
+        ("author__", "Author has no field or attribute ''"),
+    ],
+)
+def test_a_path_that_does_not_resolve_says_where(name, message):
+    from semantic.relations import parse_path
+
+    with pytest.raises(ValueError, match=message):
+        parse_path(Book, name)
+
+
+def test_paths_resolve_forward_reverse_and_many_to_many_hops():
+    from semantic.relations import parse_path
+
+    path = parse_path(Book, "author__publisher__name")
+    assert [hop.accessor for hop in path.hops] == ["author", "publisher"] and not path.to_many
+    assert path.relation_lookup == "author__publisher" and path.lookup(1) == "author"
+    assert parse_path(Book, "tags__name").to_many and parse_path(Book, "reviews__text").to_many
+    assert [hop.accessor for hop in parse_path(Publisher, "authors__books__title").hops] == ["authors", "books"]
+
+
+def test_a_source_path_that_does_not_resolve_is_error_e001():
+    from semantic import EmbeddingField
+
+    field = EmbeddingField(source=["title", "author__nickname"], model="tiny")
+    field.set_attributes_from_name("embedding")
+    field.model = Book
+    errors = field._check_source()
+    assert [e.id for e in errors] == ["semantic.E001"] and "nickname" in errors[0].msg
+    field = EmbeddingField(source=lambda book: book.title, depends_on=["editors__name"], model="tiny")
+    field.set_attributes_from_name("embedding")
+    field.model = Book
+    assert "editors" in field._check_source()[0].msg
+
+
+def test_an_update_of_the_books_own_foreign_key_marks_them(library):
+    Book.objects.filter(pk__in=pks(*library["books"][:2])).update(author=library["authors"][1])
+    assert stale(EMBEDDING) == pks(*library["books"][:2])
