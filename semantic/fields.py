@@ -171,8 +171,8 @@ class EmbeddingField(VectorField):
     as a query lookup does (``"author__name"``, ``"tags__name"``; many values
     are joined by ", " in primary-key order), and ``depends_on`` lists the
     relation paths a callable reads: either way, a change to those related
-    rows marks exactly the rows that reach them stale (semantic.relations). ``model`` names an alias in
-    ``SEMANTIC["MODELS"]``. ``dimensions`` defaults to that alias's declared
+    rows marks exactly the rows that reach them stale (semantic.relations,
+    semantic.triggers). ``model`` names an alias in ``SEMANTIC["MODELS"]``. ``dimensions`` defaults to that alias's declared
     dimensions. A row whose text is empty or whitespace-only has no vector.
 
     ``chunks=True`` (the default): a text longer than the model's
