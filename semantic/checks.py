@@ -9,7 +9,7 @@ from django.db import DatabaseError, ProgrammingError, connections, transaction
 
 from semantic.conf import semantic_settings
 from semantic.status import FAILED, OUTDATED, count_statuses, embedding_fields_on
-from semantic.triggers import installed_triggers, wanted_triggers
+from semantic.triggers import installed_triggers, missing_triggers, wanted_triggers
 
 
 @checks.register("semantic")
@@ -157,7 +157,7 @@ def check_triggers(app_configs=None, databases=None, **kwargs):
                 wanted = wanted_triggers(connection, using)
         except DatabaseError:
             continue  # the database cannot answer: nothing to say about it
-        missing = sorted({trigger.table for name, trigger in wanted.items() if name not in present})
+        missing = sorted({trigger.table for trigger in missing_triggers(wanted, present)})
         if missing:
             warnings.append(
                 checks.Warning(

@@ -31,6 +31,7 @@ wake-ups runs.
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 
 from django.db import connections, transaction
@@ -57,6 +58,11 @@ class Trigger:
     name: str
     table: str
     statements: tuple
+
+    @property
+    def trigger_names(self):
+        """The names of the function's triggers (one per event)."""
+        return frozenset(re.findall(r'CREATE TRIGGER "([^"]+)"', " ".join(self.statements)))
 
 
 def triggers(field, connection):
@@ -156,14 +162,22 @@ def _statement_trigger(field, watch, connection):
 
 
 def installed_triggers(connection):
-    """{function name: table} of this module's triggers in ``connection``'s database."""
+    """{function name: set of its trigger names} of this module's functions in ``connection``'s database."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT DISTINCT p.proname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-            " JOIN pg_proc p ON p.oid = t.tgfoid WHERE NOT t.tgisinternal AND p.proname LIKE %s",
+            "SELECT p.proname, t.tgname FROM pg_proc p"
+            " LEFT JOIN pg_trigger t ON t.tgfoid = p.oid AND NOT t.tgisinternal WHERE p.proname LIKE %s",
             [TRIGGER_PREFIX.replace("_", r"\_") + "%"],
         )
-        return dict(cursor.fetchall())
+        present = {}
+        for function, trigger in cursor.fetchall():
+            present.setdefault(function, set()).update([trigger] if trigger else [])
+        return present
+
+
+def missing_triggers(wanted, present):
+    """The Triggers of ``wanted`` not in place in ``present`` (installed_triggers): absent, or missing one of their triggers."""
+    return [trigger for name, trigger in wanted.items() if present.get(name) != trigger.trigger_names]
 
 
 def wanted_triggers(connection, using):
@@ -195,15 +209,15 @@ def install_triggers(using="default", **kwargs):
     tables = set(connection.introspection.table_names())
     qn = connection.ops.quote_name
     created = dropped = 0
+    missing = missing_triggers(wanted, present)
     with transaction.atomic(using=using), connection.cursor() as cursor:
-        for name, table in present.items():
-            if name not in wanted:
-                # The function's triggers go with it.
+        for name in present:
+            if name not in wanted or wanted[name] in missing:
+                # Its triggers go with it; one missing a trigger is made again whole.
                 cursor.execute(f"DROP FUNCTION IF EXISTS {qn(name)}() CASCADE")
                 dropped += 1
-        for name, trigger in wanted.items():
-            if name in present:
-                continue
+        for trigger in missing:
+            name = trigger.name
             if trigger.table not in tables:
                 logger.warning("semantic: table %s does not exist yet; its trigger %s waits for the next migrate", trigger.table, name)
                 continue

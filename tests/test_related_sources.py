@@ -116,12 +116,26 @@ def pks(*books):
 
 
 def test_triggers_are_installed_by_migrate_and_reinstalling_changes_nothing():
-    present = installed_triggers(connection)
-    assert present, "migrate installed no trigger"
-    tables = set(present.values())
+    from semantic.triggers import wanted_triggers
+
+    wanted = wanted_triggers(connection, "default")
+    tables = {trigger.table for trigger in wanted.values()}
     for model in (Author, Publisher, Tag, Review, Book, Book.tags.through):
         assert model._meta.db_table in tables, model
+    present = installed_triggers(connection)
+    assert all(present.get(name) == trigger.trigger_names for name, trigger in wanted.items()), "migrate installed them"
     assert install_triggers("default") == (0, 0)
+
+
+def test_a_function_missing_one_of_its_triggers_is_made_again_whole():
+    from semantic.triggers import wanted_triggers
+
+    tag_trigger = next(trigger for trigger in wanted_triggers(connection, "default").values() if trigger.table == Book.tags.through._meta.db_table)
+    dropped = sorted(tag_trigger.trigger_names)[0]
+    with connection.cursor() as cursor:
+        cursor.execute(f'DROP TRIGGER "{dropped}" ON {tag_trigger.table}')
+    assert install_triggers("default") == (1, 1)
+    assert installed_triggers(connection)[tag_trigger.name] == tag_trigger.trigger_names
 
 
 def test_a_trigger_no_field_needs_is_dropped():
@@ -382,7 +396,9 @@ def test_check_w023_names_the_tables_whose_triggers_are_missing_and_migrate_rest
     from semantic.checks import check_triggers
 
     assert check_triggers(databases=["default"]) == []
-    name = next(name for name, table in installed_triggers(connection).items() if table == Tag._meta.db_table)
+    from semantic.triggers import wanted_triggers
+
+    name = next(name for name, trigger in wanted_triggers(connection, "default").items() if trigger.table == Tag._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(f'DROP FUNCTION "{name}"() CASCADE')
     warnings = check_triggers(databases=["default"])
