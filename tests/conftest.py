@@ -50,6 +50,7 @@ def celery_worker(django_db_setup, django_db_blocker):
 
     from project.celery import app
 
+    global _worker_running
     with django_db_blocker.unblock():
         with start_worker(
             app,
@@ -58,25 +59,70 @@ def celery_worker(django_db_setup, django_db_blocker):
             queues=[settings.SEMANTIC.get("QUEUE", "semantic"), "celery"],
             shutdown_timeout=30,
         ) as worker:
-            yield worker
+            _worker_running = True
+            try:
+                yield worker
+            finally:
+                _worker_running = False
+
+
+# Whether the session's in-thread worker is running: once a test started it,
+# it consumes wake-ups for every later test too, not only those asking for it.
+_worker_running = False
 
 
 @pytest.fixture(autouse=True)
-def let_the_test_worker_finish(request):
-    """After a test that used the in-thread worker, wait for the task it is running.
+def let_the_test_worker_finish():
+    """After each test, while the in-thread worker runs, wait for the task it is running.
 
     Set up after pytest-django's database fixture, so this runs before the
     database is flushed: a TRUNCATE of every table while a task holds locks
-    on one of them and asks for another deadlocks (seen once, at the
-    teardown of an admin test).
+    on one of them and asks for another deadlocks (seen at the teardown of
+    an admin test, and of a test that did not ask for the worker but whose
+    saves woke it). A task can still start between this wait and the
+    flush: ``flush_retrying_deadlocks`` covers that.
     """
     yield
-    if "celery_worker" in request.fixturenames:
+    if _worker_running:
         from celery.worker import state
 
         deadline = time.monotonic() + 30
         while (state.active_requests or state.reserved_requests) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+FLUSH_ATTEMPTS = 5
+
+
+def flush_retrying_deadlocks(flush):
+    """``TransactionTestCase._fixture_teardown`` run again when PostgreSQL ended its TRUNCATE as a deadlock victim.
+
+    The flush runs in one transaction, so a victim left nothing half done;
+    the worker's transaction it collided with goes on and ends, and the
+    retry finds the tables free.
+    """
+    import functools
+
+    from django.db import OperationalError
+
+    @functools.wraps(flush)
+    def teardown(self):
+        for attempt in range(1, FLUSH_ATTEMPTS + 1):
+            try:
+                return flush(self)
+            except Exception as exc:
+                cause = exc.__cause__
+                if attempt == FLUSH_ATTEMPTS or not (isinstance(cause, OperationalError) and "deadlock detected" in str(cause)):
+                    raise
+                time.sleep(0.2 * attempt)
+
+    return teardown
+
+
+def pytest_configure(config):
+    from django.test import TransactionTestCase
+
+    TransactionTestCase._fixture_teardown = flush_retrying_deadlocks(TransactionTestCase._fixture_teardown)
 
 
 @pytest.fixture(autouse=True)
