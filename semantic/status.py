@@ -35,6 +35,8 @@ make rows pending where their new text is not known in Python. Nothing here
 loads a model or talks to Celery.
 """
 
+import functools
+
 from django.apps import apps
 from django.db import router
 from django.db.models import Case, CharField, Count, F, Q, Value, When
@@ -156,17 +158,21 @@ def failure(field, obj):
     return getattr(obj, field.attempts_attname), getattr(obj, field.error_attname)
 
 
-def count_statuses(field, queryset=None, using="default"):
+def count_statuses(field, queryset=None, using="default", state_q=None):
     """Rows of ``field`` per state, in one query.
 
-    ``queryset`` (default: every row of ``using``) narrows the rows counted.
-    Returns ``{state: count for each of STATES, "rows": all, "pending": the
-    states a worker claims, "with_text": all but no text}``.
+    ``queryset`` (default: every row of ``using``) narrows the rows counted;
+    ``state_q`` (default: ``status_q`` of ``field``) gives each state's Q
+    (a next slot's, semantic.slots). Returns ``{state: count for each of
+    STATES, "rows": all, "pending": the states a worker claims,
+    "with_text": all but no text}``.
     """
     if queryset is None:
         queryset = field.model._base_manager.using(using)
+    if state_q is None:
+        state_q = functools.partial(status_q, field)
     counts = queryset.order_by().aggregate(
-        rows=Count("pk"), **{state: Count("pk", filter=status_q(field, state)) for state in STATES}
+        rows=Count("pk"), **{state: Count("pk", filter=state_q(state)) for state in STATES}
     )
     counts["pending"] = sum(counts[state] for state in PENDING)
     counts["with_text"] = counts["rows"] - counts[NO_TEXT]

@@ -32,6 +32,11 @@ The embedding pipeline for one field, top-down: claim, read, plan, encode, write
    same index and text hash is kept. A row whose text fails is recorded
    (``<field>_failed_hash``, ``_attempts``, ``_error``) and set aside after
    MAX_ATTEMPTS (semantic.status).
+
+Every step works on a *slot* (semantic.slots): the field's declared columns,
+or, while the field is switched to another model, its next slot, which the
+same pipeline fills with the next encoder. A function given a field works on
+its declared slot.
 """
 
 import logging
@@ -46,7 +51,8 @@ from semantic.chunking import Chunk, Chunker, weighted_mean
 from semantic.conf import semantic_settings
 from semantic.distances import vector_literal
 from semantic.encoders import batch_size_for
-from semantic.status import max_attempts, pending_q
+from semantic.slots import Slot
+from semantic.status import max_attempts
 
 logger = logging.getLogger("semantic")
 
@@ -96,23 +102,29 @@ class PlannedRow:
     error: str = None
 
 
-def lock_namespace(field):
-    """A stable int4 per (table, field): the first key of the claim's advisory locks."""
-    value = zlib.crc32(f"{field.model._meta.db_table}.{field.column}".encode())
+def as_slot(target):
+    """``target`` if it is a slot, else the declared slot of ``target`` (an EmbeddingField)."""
+    return target if isinstance(target, Slot) else Slot(target)
+
+
+def lock_namespace(slot):
+    """A stable int4 per (table, slot's vector column): the first key of the claim's advisory locks."""
+    value = zlib.crc32(as_slot(slot).lock_key.encode())
     return value - 2**32 if value >= 2**31 else value
 
 
 # --- 1. claim ------------------------------------------------------------------
 
 
-def claim(field, using, limit, skip=()):
-    """Lock up to ``limit`` pending rows of ``field`` for this transaction; returns their pks.
+def claim(slot, using, limit, skip=()):
+    """Lock up to ``limit`` pending rows of ``slot`` (or a field's declared slot) for this transaction; returns their pks.
 
     Rows whose pk is in ``skip`` (failed earlier in the same task) are
-    passed over. The rows are those of ``status.pending_q``; raw SQL only
-    adds the locks, which the ORM cannot express.
+    passed over. The rows are those of the slot's ``pending_q``; raw SQL
+    only adds the locks, which the ORM cannot express.
     """
-    pending = field.model._base_manager.db_manager(using).filter(pending_q(field)).order_by()
+    slot = as_slot(slot)
+    pending = slot.field.model._base_manager.db_manager(using).filter(slot.pending_q()).order_by()
     if skip:
         pending = pending.exclude(pk__in=list(skip))
     sql, params = pending.values_list("pk").query.get_compiler(using).as_sql()
@@ -123,23 +135,30 @@ def claim(field, using, limit, skip=()):
         f" WHERE pg_try_advisory_xact_lock(%s, hashtext(pk::text)) LIMIT %s"
     )
     with connections[using].cursor() as cursor:
-        cursor.execute(claim_sql, [*params, lock_namespace(field), limit])
+        cursor.execute(claim_sql, [*params, lock_namespace(slot), limit])
         return [row[0] for row in cursor.fetchall()]
 
 
 # --- 2. read and 3. plan ---------------------------------------------------------
 
 
-def read_and_plan(field, using, pks):
+# What read_and_plan annotates each row with: the slot's vector hash.
+SLOT_VECTOR_HASH = "_semantic_slot_vector_hash"
+
+
+def read_and_plan(slot, using, pks):
     """The claimed rows' plans: ``(clear, confirm, encode, fail)`` lists of PlannedRow.
 
     Rows deleted since the claim are absent from all four. Only the texts
-    of rows to encode are split (a row whose vector hash already is its
-    text's hash is confirmed without tokenizing), in few tokenizer calls.
+    of rows to encode are split (a row whose vector hash in the slot already
+    is its text's hash is confirmed without tokenizing), in few tokenizer
+    calls.
     """
-    source, vector_hash = field.source_hash_attname, field.vector_hash_attname
+    slot = as_slot(slot)
+    field = slot.field
+    source = field.source_hash_attname
     manager = field.model._base_manager.db_manager(using)
-    rows = field.load_for_text(manager.all(), source, vector_hash).in_bulk(pks)
+    rows = field.load_for_text(manager.all(), source).annotate(**{SLOT_VECTOR_HASH: slot.vector_hash()}).in_bulk(pks)
     clear, confirm, encode, fail = [], [], [], []
     texts = []  # of the rows in ``encode``, in order
     for pk, obj in rows.items():
@@ -153,19 +172,19 @@ def read_and_plan(field, using, pks):
         if not text:
             clear.append(row)
             continue
-        row.text_hash = field.text_hash(text)
-        if getattr(obj, vector_hash) == row.text_hash:
+        row.text_hash = slot.text_hash(text)
+        if getattr(obj, SLOT_VECTOR_HASH) == row.text_hash:
             confirm.append(row)
             continue
         encode.append(row)
         texts.append(text)
-    if field.chunk_model is None:
+    if not slot.chunked:
         pieces = [[Chunk(0, 0, len(text), text, 1)] for text in texts]
     elif texts:
         # Splitting needs the model's tokenizer: the model loads here.
-        field.verify_encoder()
+        slot.verify_encoder()
         # ImproperlyConfigured (the model's, not a text's: every row would fail) propagates.
-        pieces = Chunker(field.encoder, field.overlap).split_many(texts)
+        pieces = Chunker(slot.encoder, field.overlap).split_many(texts)
     else:
         pieces = []
     planned = []
@@ -182,7 +201,7 @@ def read_and_plan(field, using, pks):
             fail.append(row)
             continue
         row.pieces = split
-        row.keys = [field.encoder.text_hash(piece.text) for piece in split]
+        row.keys = [slot.encoder.text_hash(piece.text) for piece in split]
         planned.append(row)
     return clear, confirm, planned, fail
 
@@ -190,7 +209,7 @@ def read_and_plan(field, using, pks):
 # --- 4. encode -------------------------------------------------------------------
 
 
-def encode_pieces(field, rows, deadline=None):
+def encode_pieces(slot, rows, deadline=None):
     """The vectors of the rows' pieces: ``(vectors by key, errors by key, out_of_time)``.
 
     Cached pieces are not encoded. The rest are encoded shortest first, in
@@ -198,14 +217,15 @@ def encode_pieces(field, rows, deadline=None):
     the cache, and the deadline (``time.monotonic()`` value) is checked.
     The first slice always runs, so every round makes progress.
     """
+    slot = as_slot(slot)
     texts = {key: piece.text for row in rows for key, piece in zip(row.keys, row.pieces)}
-    vectors = embedding_cache.get_vectors(sorted(texts), dimensions=field.dimensions)
+    vectors = embedding_cache.get_vectors(sorted(texts), dimensions=slot.dimensions)
     missing = sorted((key for key in texts if key not in vectors), key=lambda key: (len(texts[key]), key))
     errors = {}
     if not missing:
         return vectors, errors, False
-    encoder = field.encoder
-    field.verify_encoder()
+    encoder = slot.encoder
+    slot.verify_encoder()
     size = batch_size_for(str(encoder.model.device)) * PASSES_PER_SLICE
     for start in range(0, len(missing), size):
         if start and deadline is not None and time.monotonic() >= deadline:
@@ -223,15 +243,21 @@ def encode_pieces(field, rows, deadline=None):
 
 
 class RowWriter:
-    """Guarded writes to one field's rows, in the caller's transaction.
+    """Guarded writes to one slot's rows, in the caller's transaction.
 
     Each method takes rows that start with ``(pk, guard)`` and writes only
     those whose source hash still equals the guard; it returns the pks
     written. Vectors travel to PostgreSQL in binary (see ``_stage``): no
     float is formatted as text, and none parsed back.
+
+    The declared slot owns the source hash: a write sets it to the text's
+    hash. A next slot never writes it: it records the source hash it read
+    (the guard) in its own guard column (semantic.slots).
     """
 
-    def __init__(self, field, using):
+    def __init__(self, slot, using):
+        self.slot = slot = as_slot(slot)
+        field = slot.field
         self.field = field
         self.connection = connections[using]
         meta = field.model._meta
@@ -240,18 +266,29 @@ class RowWriter:
         self.table = qn(meta.db_table)
         self.pk = qn(meta.pk.column)
         self.pk_type = meta.pk.db_type(self.connection)
-        self.vector_type = field.db_type(self.connection)
-        self.columns = {
-            name: qn(meta.get_field(attname).column)
-            for name, attname in (
-                ("vector", field.attname),
-                ("source", field.source_hash_attname),
-                ("vector_hash", field.vector_hash_attname),
-                ("failed_hash", field.failed_hash_attname),
-                ("attempts", field.attempts_attname),
-                ("error", field.error_attname),
-            )
-        }
+        self.vector_type = slot.vector_type
+        if slot.is_next:
+            parts = ("vector", "vector_hash", "guard", "error")
+            self.columns = {part: qn(slot.column_name(part)) for part in parts}
+            self.columns["source"] = qn(meta.get_field(field.source_hash_attname).column)
+        else:
+            self.columns = {
+                name: qn(meta.get_field(attname).column)
+                for name, attname in (
+                    ("vector", field.attname),
+                    ("source", field.source_hash_attname),
+                    ("vector_hash", field.vector_hash_attname),
+                    ("failed_hash", field.failed_hash_attname),
+                    ("attempts", field.attempts_attname),
+                    ("error", field.error_attname),
+                )
+            }
+
+    def _settled(self, new_hash):
+        """What a write that leaves the pending state sets besides the vector: the text's hash as the slot's record of it, no failure."""
+        if self.slot.is_next:
+            return {"guard": "v.guard", "error": "NULL"}
+        return {"source": new_hash, **self._NO_FAILURE}
 
     def _update(self, assignments, values, rows, condition="", returning="", join=""):
         """``UPDATE … SET assignments FROM (VALUES rows) AS v(pk, guard, *values)`` where the guard holds."""
@@ -307,29 +344,34 @@ class RowWriter:
         assignments = {
             "vector": f"CAST(s.vec AS {self.vector_type})",
             "vector_hash": "v.new_hash",
-            "source": "v.new_hash",
-            **self._NO_FAILURE,
+            **self._settled("v.new_hash"),
         }
         return [pk for pk, in self._update(assignments, {"new_hash": "text", "n": "integer"}, numbered, join=join)]
 
     def confirm(self, rows):
         """(pk, guard, text_hash) of rows whose vector hash already is their text's hash."""
         c = self.columns
-        assignments = {"source": "v.new_hash", **self._NO_FAILURE}
+        assignments = self._settled("v.new_hash")
         condition = f" AND t.{c['vector_hash']} = v.new_hash"
         return [pk for pk, in self._update(assignments, {"new_hash": "text"}, rows, condition)]
 
     def clear(self, rows):
         """(pk, guard) of rows without text: no vector, no hashes."""
-        assignments = {"vector": "NULL", "vector_hash": "NULL", "source": "NULL", **self._NO_FAILURE}
+        assignments = {"vector": "NULL", "vector_hash": "NULL", **self._settled("NULL")}
         return [pk for pk, in self._update(assignments, {}, rows)]
 
     def record_failures(self, rows):
         """(pk, guard, failed_hash, error): returns [(pk, attempts)] of the rows recorded.
 
-        The attempts count on while the same source hash fails again.
+        The attempts count on while the same source hash fails again. A next
+        slot makes one attempt per text: its row is set aside at once, its
+        vector (of an older text) removed.
         """
         c = self.columns
+        if self.slot.is_next:
+            assignments = {"vector": "NULL", "vector_hash": "NULL", "guard": "v.guard", "error": "v.error"}
+            written = self._update(assignments, {"failed": "text", "error": "text"}, rows)
+            return [(pk, max_attempts()) for pk, in written]
         assignments = {
             "source": "v.failed",
             "failed_hash": "v.failed",
@@ -349,12 +391,13 @@ class RowWriter:
         missing from ``chunks``: its text became empty) and the new ones
         inserted. Returns ``(kept, deleted, inserted)`` counts.
         """
-        chunk_model = self.field.chunk_model
+        chunk_model = self.slot.chunk_model
         if not pks or chunk_model is None:
             return 0, 0, 0
+        # The slot's table has the chunk model's columns (semantic.slots).
         meta = chunk_model._meta
         qn = self.qn
-        chunk_table = qn(meta.db_table)
+        chunk_table = qn(self.slot.chunk_table)
         column = {name: qn(meta.get_field(name).column) for name in ("owner", "index", "start", "end", "text", "text_hash", "embedding")}
         chunk_pk = qn(meta.pk.column)
         with self.connection.cursor() as cursor:
@@ -390,7 +433,7 @@ class RowWriter:
         inserts = list(wanted.items())
         if inserts:
             join = self._stage([vector for _, (_, _, vector) in inserts])
-            vector_type = meta.get_field("embedding").db_type(self.connection)
+            vector_type = self.slot.vector_type
             names = ", ".join(column[name] for name in ("owner", "index", "start", "end", "text", "text_hash", "embedding"))
             types = [self.pk_type, "integer", "integer", "integer", "text", "text", "integer"]
             placeholder = "(" + ", ".join(f"CAST(%s AS {kind})" for kind in types) + ")"
@@ -433,23 +476,24 @@ def binary_copy_of_vectors(vectors):
 # --- the round -------------------------------------------------------------------
 
 
-def embed_batch(field, using="default", claim_size=None, skip=(), deadline=None):
-    """Claim, read, plan, encode and write one batch of ``field``'s pending rows; returns an EmbedResult.
+def embed_batch(slot, using="default", claim_size=None, skip=(), deadline=None):
+    """Claim, read, plan, encode and write one batch of ``slot``'s pending rows (a field's: its declared slot's); returns an EmbedResult.
 
     ``claim_size`` defaults to CLAIM_SIZE; ``skip`` lists pks not to claim;
     ``deadline`` (a ``time.monotonic()`` value) stops encoding between
     slices, leaving the rows not reached pending.
     """
+    slot = as_slot(slot)
     result = EmbedResult()
     with transaction.atomic(using=using):
-        pks = claim(field, using, claim_size or semantic_settings.CLAIM_SIZE, skip)
+        pks = claim(slot, using, claim_size or semantic_settings.CLAIM_SIZE, skip)
         result.claimed = len(pks)
         if not pks:
             return result
-        clear, confirm, encode, fail = read_and_plan(field, using, pks)
-        vectors, errors, result.out_of_time = encode_pieces(field, encode, deadline)
+        clear, confirm, encode, fail = read_and_plan(slot, using, pks)
+        vectors, errors, result.out_of_time = encode_pieces(slot, encode, deadline)
 
-        normalize = bool(field.encoder.config["normalize"])
+        normalize = bool(slot.encoder.config["normalize"])
         embedded, chunks = [], {}
         for row in encode:
             row_errors = [errors[key] for key in row.keys if key in errors]
@@ -464,7 +508,7 @@ def embed_batch(field, using="default", claim_size=None, skip=(), deadline=None)
             else:
                 result.deferred += 1
 
-        writer = RowWriter(field, using)
+        writer = RowWriter(slot, using)
         written = writer.write_vectors(embedded)
         writer.sync_chunks(written, chunks)
         confirmed = writer.confirm([(row.pk, row.guard, row.text_hash) for row in confirm])
@@ -482,12 +526,12 @@ def embed_batch(field, using="default", claim_size=None, skip=(), deadline=None)
     result.failed = [pk for pk, _ in recorded]
     sent = len(embedded) + len(confirm) + len(clear) + len(failures)
     result.superseded = sent - result.written - len(recorded)
-    _log_failures(field, fail, dict(recorded))
+    _log_failures(slot, fail, dict(recorded))
     return result
 
 
-def _log_failures(field, rows, attempts):
-    label = f"{field.model._meta.label}.{field.name}"
+def _log_failures(slot, rows, attempts):
+    label = slot.label
     for row in rows:
         if row.pk not in attempts:
             continue
@@ -500,8 +544,8 @@ def _log_failures(field, rows, attempts):
             logger.warning("semantic: %s row %r could not be embedded (attempt %d): %s", label, row.pk, attempts[row.pk], row.error)
 
 
-def embed_stale_rows(field, using="default", *, time_budget=None, claim_size=None, skip=()):
-    """Embed pending rows of ``field`` until none can be claimed or the time budget runs out.
+def embed_stale_rows(slot, using="default", *, time_budget=None, claim_size=None, skip=()):
+    """Embed pending rows of ``slot`` (a field's: its declared slot's) until none can be claimed or the time budget runs out.
 
     ``time_budget`` (seconds, default TASK_TIME_BUDGET) is checked inside
     each batch too. Rows that fail, and those in ``skip``, are not claimed
@@ -513,7 +557,7 @@ def embed_stale_rows(field, using="default", *, time_budget=None, claim_size=Non
     skip = set(skip)
     totals = EmbedResult()
     while True:
-        result = embed_batch(field, using, claim_size, skip=skip, deadline=deadline)
+        result = embed_batch(slot, using, claim_size, skip=skip, deadline=deadline)
         totals.add(result)
         skip.update(result.failed)
         if not result.claimed or result.out_of_time:
