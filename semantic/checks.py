@@ -171,6 +171,44 @@ def check_triggers(app_configs=None, databases=None, **kwargs):
     return warnings
 
 
+@checks.register(checks.Tags.database)
+def check_switches(app_configs=None, databases=None, **kwargs):
+    """semantic.E024: a field's switch (semantic.switching) names a model alias the settings no longer have.
+
+    Its worker tasks fail, and once promoted so does every search of the
+    field: the query encoder is the alias's.
+    """
+    from semantic.models import Switch
+
+    errors = []
+    for using in databases or ():
+        if connections[using].vendor != "postgresql":
+            continue
+        try:
+            with transaction.atomic(using=using):
+                switches = list(Switch.objects.using(using).values_list("field", "alias", "live"))
+        except DatabaseError:
+            continue  # not migrated yet, or down: nothing to say about it
+        known = set(semantic_settings.MODELS)
+        for field, alias, live in switches:
+            if alias in known:
+                continue
+            errors.append(
+                checks.Error(
+                    f"The switch of {field} in database {using!r} names model alias {alias!r}, which "
+                    f"SEMANTIC['MODELS'] does not have: its next slot cannot be filled"
+                    + (", and every search of the field fails (it is promoted)." if live else "."),
+                    hint=(
+                        f"Put the alias back in SEMANTIC['MODELS'], or "
+                        + ("roll back (semantic_promote --rollback) and " if live else "")
+                        + "cancel it (semantic_prepare --cancel)."
+                    ),
+                    id="semantic.E024",
+                )
+            )
+    return errors
+
+
 def _model_location_problem(config):
     """Why the model of ``config`` cannot load offline, or None. Reads no weights."""
     import os

@@ -132,6 +132,11 @@ DEFAULTS = {
     "QUERY_MAX_CHARS": 1000,
     "MAX_K": 1000,
     "MAX_CANDIDATES": 1000,
+    # --- switching a field to another model (semantic.switching) -------------
+    # Seconds a process may take to notice that a field's switch was
+    # prepared (it reads the switch with every search once it knows of it);
+    # semantic_promote waits at least this long after semantic_prepare.
+    "SWITCH_POLL_SECONDS": 5.0,
     # --- search page and template tags (semantic.views, semantic.templatetags)
     # Anonymous searches per client address, in django-ratelimit's syntax
     # ("30/m"; behind a proxy set RATELIMIT_IP_META_KEY); None: no limit.

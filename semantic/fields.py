@@ -772,6 +772,11 @@ def is_column(model, name):
         return False
 
 
+def field_label(field):
+    """'app_label.Model.field': how the management commands, switches and logs name a field."""
+    return f"{field.model._meta.label}.{field.name}"
+
+
 def embedding_fields(model):
     """The EmbeddingFields of a model class, in declaration order."""
     return [f for f in model._meta.get_fields() if isinstance(f, EmbeddingField)]

@@ -19,7 +19,8 @@ from semantic.fields import embedding_fields, get_embedding_field
 from semantic.retrieval import diversified, hybrid, nearest, pinned, reranked
 from semantic.retrieval.options import DiversityOptions, SearchOptions, check_candidates, check_k, clean_query
 from semantic.retrieval.query_vectors import embed_query
-from semantic.status import searchable_q, stale_marks
+from semantic.status import stale_marks
+from semantic.switching import live_slot
 from semantic.wakeups import schedule_embedding
 
 
@@ -166,21 +167,24 @@ class SemanticQuerySet(models.QuerySet):
         spread = self._diversity_options(collapse, diversity)
         search_options = SearchOptions.from_kwargs(**options)
         embedding_field = get_embedding_field(self.model, field)
-        vector = embed_query(embedding_field, query)
+        # The slot (semantic.switching) chosen once: the query vector and
+        # the vectors it is compared with come from the same configuration.
+        slot = live_slot(embedding_field, self.db)
+        vector = embed_query(slot, query)
         if not rerank and spread is None:
-            return self._nearest(vector, embedding_field, k, min_score, search_options)
+            return self._nearest(vector, slot, k, min_score, search_options)
         k = k or 10
         if not rerank:
-            by_vector = self._nearest(vector, embedding_field, spread.pool(k, candidates), min_score, search_options)
-            candidates = diversified.with_row_vectors(by_vector, embedding_field)
+            by_vector = self._nearest(vector, slot, spread.pool(k, candidates), min_score, search_options)
+            candidates = diversified.with_row_vectors(by_vector, slot)
             return diversified.diversified(self, candidates, spread, k, ("score", "distance"))
-        by_vector = self._nearest(vector, embedding_field, reranked.rerank_candidates(k, candidates), min_score, search_options)
+        by_vector = self._nearest(vector, slot, reranked.rerank_candidates(k, candidates), min_score, search_options)
         if spread is None:
             return reranked.reranked(self, by_vector, query, embedding_field, k=k)
         # Every candidate, ordered by the cross-encoder; then the choice.
         by_reranker = reranked.reranked(
-            diversified.with_row_vectors(self, embedding_field),
-            diversified.with_row_vectors(by_vector, embedding_field),
+            diversified.with_row_vectors(self, slot),
+            diversified.with_row_vectors(by_vector, slot),
             query,
             embedding_field,
             k=by_vector.query.high_mark,
@@ -229,18 +233,18 @@ class SemanticQuerySet(models.QuerySet):
         check_k(k)
         spread = self._diversity_options(collapse, diversity)
         search_options = SearchOptions.from_kwargs(**options)
-        embedding_field = get_embedding_field(self.model, field)
+        slot = live_slot(get_embedding_field(self.model, field), self.db)
         if spread is None:
-            return self._nearest(vector, embedding_field, k, min_score, search_options)
-        return self._nearest_diversified(vector, embedding_field, k, min_score, search_options, spread)
+            return self._nearest(vector, slot, k, min_score, search_options)
+        return self._nearest_diversified(vector, slot, k, min_score, search_options, spread)
 
-    def _nearest(self, vector, embedding_field, k, min_score, options):
-        return nearest.build(self, vector, embedding_field, k=k, min_score=min_score, options=options)
+    def _nearest(self, vector, slot, k, min_score, options):
+        return nearest.build(self, vector, slot, k=k, min_score=min_score, options=options)
 
-    def _nearest_diversified(self, vector, embedding_field, k, min_score, options, spread):
+    def _nearest_diversified(self, vector, slot, k, min_score, options, spread):
         k = k or 10
-        by_vector = self._nearest(vector, embedding_field, spread.pool(k), min_score, options)
-        candidates = diversified.with_row_vectors(by_vector, embedding_field)
+        by_vector = self._nearest(vector, slot, spread.pool(k), min_score, options)
+        candidates = diversified.with_row_vectors(by_vector, slot)
         return diversified.diversified(self, candidates, spread, k, ("score", "distance"))
 
     def _diversity_options(self, collapse, diversity):
@@ -265,11 +269,13 @@ class SemanticQuerySet(models.QuerySet):
         check_k(k)
         spread = self._diversity_options(collapse, diversity)
         embedding_field = get_embedding_field(self.model, field)
+        slot = live_slot(embedding_field, self.db)
         pk = obj.pk if isinstance(obj, models.Model) else obj
         vector = (
             self.model._base_manager.using(self.db)
-            .filter(searchable_q(embedding_field), pk=pk)
-            .values_list(embedding_field.attname, flat=True)
+            .filter(slot.searchable_q(), pk=pk)
+            .annotate(_semantic_vector=slot.vector())
+            .values_list("_semantic_vector", flat=True)
             .first()
         )
         if vector is None:
@@ -282,8 +288,8 @@ class SemanticQuerySet(models.QuerySet):
         search_options = SearchOptions.from_kwargs(**options)
         others = self.exclude(pk=pk)
         if spread is None:
-            return others._nearest(vector, embedding_field, k, min_score, search_options)
-        return others._nearest_diversified(vector, embedding_field, k, min_score, search_options, spread)
+            return others._nearest(vector, slot, k, min_score, search_options)
+        return others._nearest_diversified(vector, slot, k, min_score, search_options, spread)
 
     def hybrid_search(
         self,
@@ -329,11 +335,12 @@ class SemanticQuerySet(models.QuerySet):
         search_options = SearchOptions.from_kwargs(**options)
         embedding_field = get_embedding_field(self.model, field)
         candidates = max(int(candidates or semantic_settings.HYBRID_CANDIDATES), k)
-        by_vector = self._nearest(embed_query(embedding_field, query), embedding_field, candidates, None, search_options)
+        slot = live_slot(embedding_field, self.db)
+        by_vector = self._nearest(embed_query(slot, query), slot, candidates, None, search_options)
         fused = hybrid.hybrid_search(
             # The fused rows are fetched from this QuerySet: with collapse or
             # diversity they bring their row vectors along.
-            self if spread is None else diversified.with_row_vectors(self, embedding_field),
+            self if spread is None else diversified.with_row_vectors(self, slot),
             by_vector,
             query,
             embedding_field,

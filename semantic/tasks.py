@@ -16,9 +16,10 @@ from semantic.conf import semantic_settings
 from semantic.encoders import get_encoder
 from semantic.fields import embedding_fields, get_embedding_field
 from semantic.rehash import rehash_rows
-from semantic.status import count_statuses, embedding_fields_on
+from semantic.status import embedding_fields_on
+from semantic.switching import filling_slots
 from semantic.wakeups import enqueue_embedding, release_wake_key
-from semantic.worker import embed_stale_rows
+from semantic.worker import EmbedResult, embed_stale_rows
 
 logger = logging.getLogger("semantic")
 
@@ -63,14 +64,25 @@ def embed_stale(model_label, field_name, using="default"):
 
 
 def _embed_pending(field, using):
+    """Embed the pending rows of every slot the field has (semantic.switching: the live one first)."""
     model_label, field_name = field.model._meta.label, field.name
-    totals = embed_stale_rows(field, using)
+    slots = filling_slots(field, using)
+    totals, failed = EmbedResult(), {}
+    # One time budget for the task, whatever the number of slots.
+    deadline = time.monotonic() + semantic_settings.TASK_TIME_BUDGET
+    for slot in slots:
+        result = embed_stale_rows(slot, using, time_budget=max(0.0, deadline - time.monotonic()))
+        totals.add(result)
+        failed[slot] = result.failed
+        if result.out_of_time:
+            break
     if not totals.out_of_time:
         # Clear the coalescing key, then look once more: a save that found
         # the key set between our last claim and now enqueued nothing. Rows
         # that failed in this task are not tried again by it.
         release_wake_key(field.model, field_name, using)
-        totals.add(embed_stale_rows(field, using, skip=totals.failed))
+        for slot in slots:
+            totals.add(embed_stale_rows(slot, using, skip=failed[slot]))
     if totals.out_of_time:
         enqueue_embedding(field.model, field_name, using, force=True)
     logger.info(
@@ -123,7 +135,7 @@ def sweep(rehash=False, using="default"):
     for field in embedding_fields_on(using):
         if rehash:
             rehash_rows(field, using)
-        pending = count_statuses(field, using=using)["pending"]
+        pending = sum(slot.count_statuses(using)["pending"] for slot in filling_slots(field, using))
         report[f"{field.model._meta.label}.{field.name}"] = pending
         if pending:
             # Forced: a lost wake-up may have left its coalescing key behind.

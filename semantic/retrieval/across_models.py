@@ -21,14 +21,16 @@ from semantic.fields import get_embedding_field
 from semantic.retrieval.options import SearchOptions, check_k, clean_query
 from semantic.retrieval.query_vectors import embed_query
 from semantic.retrieval.session import search_settings
+from semantic.switching import live_slot
 
 
 @dataclass(frozen=True)
 class Source:
-    """One model's part of the search: its rows and the field they are ranked by."""
+    """One model's part of the search: its rows, the field they are ranked by, and that field's live slot."""
 
     queryset: QuerySet
     field: object
+    slot: object
 
     @property
     def label(self):
@@ -37,7 +39,7 @@ class Source:
     @property
     def comparable_key(self):
         """Sources with equal keys have scores on one scale: same query vectors, same metric, same database."""
-        return (self.field.encoder.query_fingerprint, self.field.metric, self.queryset.db)
+        return (self.slot.encoder.query_fingerprint, self.field.metric, self.queryset.db)
 
 
 def resolve_sources(models):
@@ -53,7 +55,8 @@ def resolve_sources(models):
             queryset = target._default_manager.all()
         else:
             raise ValueError(f"models holds {target!r}: a model class or a QuerySet was expected.")
-        source = Source(queryset, get_embedding_field(queryset.model, field_name))
+        field = get_embedding_field(queryset.model, field_name)
+        source = Source(queryset, field, live_slot(field, queryset.db))
         if (source.label, source.field.name) in seen:
             raise ValueError(f"{source.label}.{source.field.name} is named twice in models.")
         seen.add((source.label, source.field.name))
@@ -120,10 +123,10 @@ BRANCH_SQL = (
 
 def _search_group(sources, query, k, min_score, options):
     """The top ``k`` Hits of sources whose scores are comparable, from one statement."""
-    vector = embed_query(sources[0].field, query)
+    vector = embed_query(sources[0].slot, query)
     branches, params, settings = [], [], {}
     for number, source in enumerate(sources):
-        searched = _searchable(source.queryset)._nearest(vector, source.field, k, min_score, options)
+        searched = _searchable(source.queryset)._nearest(vector, source.slot, k, min_score, options)
         chunked = searched.query.chunk_search is not None
         if chunked:
             # Unbounded chunk scan: a bounded one can come back short, and
@@ -195,8 +198,7 @@ def _instances(ranked):
         rows.update({(source, str(row.pk)): row for row in found})
         chunk_ids = [hit.best_chunk_id for hit in hits if hit.best_chunk_id is not None]
         if chunk_ids:
-            chunk_model = source.field.chunk_model
-            found_chunks = chunk_model._default_manager.using(source.queryset.db).in_bulk(chunk_ids)
+            found_chunks = source.slot.chunks_by_id(chunk_ids, source.queryset.db)
             chunks.update({(source, pk): chunk for pk, chunk in found_chunks.items()})
     results = []
     for hit, search_score in ranked:

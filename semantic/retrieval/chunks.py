@@ -133,17 +133,22 @@ def row_filters(query):
 
 
 class ChunkSearch:
-    """What a search by chunk scans: its chunk model, metric and query vector."""
+    """What a search by chunk scans: its chunk model, the table of the slot searched, metric and query vector.
 
-    def __init__(self, chunk_model, metric, vector_literal, unbounded=False):
+    ``table`` is the chunk model's own table, or a next slot's of the same
+    columns (semantic.slots); the model reads the rows of either.
+    """
+
+    def __init__(self, chunk_model, metric, vector_literal, unbounded=False, table=None):
         self.chunk_model = chunk_model
         self.metric = metric
         self.vector_literal = vector_literal
         self.unbounded = unbounded
+        self.table = table or chunk_model._meta.db_table
 
     def without_bound(self):
         """The same search, its chunk scan not bounded by k (see the module docstring)."""
-        return ChunkSearch(self.chunk_model, self.metric, self.vector_literal, unbounded=True)
+        return ChunkSearch(self.chunk_model, self.metric, self.vector_literal, unbounded=True, table=self.table)
 
     def scan_limit(self, query):
         if self.unbounded or query.high_mark is None:
@@ -163,7 +168,7 @@ class ChunkSearch:
             f"SELECT {column['owner']} AS owner_id, {pk} AS id, {column['index']} AS {quote('index')}, "
             f"{column['text']} AS text, {column['start']} AS start, {column['end']} AS {quote('end')}, "
             f"({column['embedding']} {self.metric.operator} %s) AS distance "
-            f"FROM {quote(meta.db_table)} WHERE {column['owner']} IN ({rows_sql}) "
+            f"FROM {quote(self.table)} WHERE {column['owner']} IN ({rows_sql}) "
             f"ORDER BY distance" + (f" LIMIT {int(limit)}" if limit is not None else "")
         )
         best = (

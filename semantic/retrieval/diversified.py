@@ -4,7 +4,7 @@ row vectors, chosen by semantic.retrieval.diversity, pinned in that order.
 """
 
 import numpy as np
-from django.db.models import BinaryField, F, Func
+from django.db.models import BinaryField, Func
 
 from semantic.retrieval import diversity
 from semantic.retrieval.pinned import RANK, pinned
@@ -16,9 +16,9 @@ from semantic.retrieval.pinned import RANK, pinned
 ROW_VECTOR = "_row_vector"
 
 
-def with_row_vectors(queryset, field):
-    """``queryset`` with each row's own ``field`` vector annotated as ROW_VECTOR, in binary."""
-    send = Func(F(field.attname), function=f"{field.storage_type.name}_send", output_field=BinaryField())
+def with_row_vectors(queryset, slot):
+    """``queryset`` with each row's own vector in ``slot`` (semantic.slots) annotated as ROW_VECTOR, in binary."""
+    send = Func(slot.vector(), function=f"{slot.field.storage_type.name}_send", output_field=BinaryField())
     return queryset.annotate(**{ROW_VECTOR: send})
 
 

@@ -34,7 +34,8 @@ from semantic.retrieval.estimates import planned_rows, scan_estimate, table_rows
 from semantic.retrieval.query_vectors import as_query_vector
 from semantic.retrieval.session import search_settings
 from semantic.retrieval.sql import SearchQuery
-from semantic.status import searchable_q
+from semantic.slots import Slot
+from semantic.switching import live_slot
 
 SEARCH_ANNOTATIONS = ("distance", "score", "best_chunk_id")
 FLOAT = FloatField()
@@ -75,18 +76,18 @@ _searchable_nodes = {}
 _annotation_templates = {}
 
 
-def add_searchable(query, field):
-    """Add searchable_q(field) to ``query``'s WHERE, resolved once per field while SEMANTIC stays the same.
+def add_searchable(query, slot):
+    """Add the slot's searchable_q to ``query``'s WHERE, resolved once per slot while SEMANTIC stays the same.
 
-    (The condition names the field's fingerprint and the attempt limit, both
+    (The condition names the slot's fingerprint and the attempt limit, both
     from the settings; hashing the Q to key the cache cost as much as
     resolving it.)
     """
-    key = (field.model, field.name)
+    key = slot.key
     node = _searchable_nodes.get(key)
     if node is None:
-        probe = Query(field.model)
-        probe.add_q(searchable_q(field))
+        probe = Query(slot.field.model)
+        probe.add_q(slot.searchable_q())
         node = _remember(_searchable_nodes, key, probe.where)
     query.get_initial_alias()
     query.where.add(node.clone(), AND)
@@ -96,21 +97,21 @@ class _QueryVectorSlot(Value):
     """Where the query vector goes in a resolved annotation template."""
 
 
-def add_search_annotations(query, field, metric, by_chunk, literal):
+def add_search_annotations(query, slot, metric, by_chunk, literal):
     """Annotate ``distance`` and ``score`` (and ``best_chunk_id`` by chunk), as add_annotation would.
 
-    The resolved expressions come from a template per model, field, metric
-    and kind; only the query vector's Value is new.
+    The resolved expressions come from a template per slot, metric and
+    kind; only the query vector's Value is new.
     """
-    key = (field.model, field.name, metric.name, by_chunk)
+    key = (slot.key, metric.name, by_chunk)
     template = _annotation_templates.get(key)
     if template is None:
-        probe = Query(field.model)
+        probe = Query(slot.field.model)
         if by_chunk:
             probe.add_annotation(best_column("id"), "best_chunk_id")
             distance = best_column("distance")
         else:
-            distance = SearchColumn(metric.distance(field.name, _QueryVectorSlot(None)), output_field=FLOAT)
+            distance = SearchColumn(metric.distance(slot.vector(), _QueryVectorSlot(None)), output_field=FLOAT)
         probe.add_annotation(distance, "distance")
         probe.add_annotation(SearchColumn(metric.score(F("distance")), output_field=FLOAT), "score")
         template = _remember(_annotation_templates, key, dict(probe.annotations))
@@ -154,14 +155,21 @@ def _remember(cache, key, value):
     return value
 
 
-def build(queryset, vector, field, *, k, min_score, options):
-    """``queryset`` searched by ``vector`` (see SemanticQuerySet.nearest for the contract)."""
+def build(queryset, vector, slot, *, k, min_score, options):
+    """``queryset`` searched by ``vector`` (see SemanticQuerySet.nearest for the contract).
+
+    ``slot`` is the slot whose vectors are compared (semantic.slots), or a
+    field: the slot its searches use now (semantic.switching.live_slot).
+    """
     if queryset.query.is_sliced:
         raise TypeError("Cannot search a QuerySet once a slice has been taken; search first, then slice.")
+    if not isinstance(slot, Slot):
+        slot = live_slot(slot, queryset.db)
+    field = slot.field
     metric = get_metric(field.metric)
-    literal = vector_literal(as_query_vector(vector, field))
-    by_chunk = options.by_chunk if options.by_chunk is not None else field.chunk_model is not None
-    if by_chunk and field.chunk_model is None:
+    literal = vector_literal(as_query_vector(vector, slot))
+    by_chunk = options.by_chunk if options.by_chunk is not None else slot.chunked
+    if by_chunk and not slot.chunked:
         raise ImproperlyConfigured(f"{field.model.__name__}.{field.name} stores no chunks (chunks=False).")
     taken = set(SEARCH_ANNOTATIONS) & _field_names(field.model)
     if taken:
@@ -178,10 +186,10 @@ def build(queryset, vector, field, *, k, min_score, options):
     query.search_literal = literal
     # Vectors made under another encoder configuration live in another
     # space: until the worker re-embeds them, they are left out.
-    add_searchable(query, field)
+    add_searchable(query, slot)
     if by_chunk:
-        query.chunk_search = ChunkSearch(field.chunk_model, metric, literal)
-    add_search_annotations(query, field, metric, by_chunk, literal)
+        query.chunk_search = ChunkSearch(slot.chunk_model, metric, literal, table=slot.chunk_table)
+    add_search_annotations(query, slot, metric, by_chunk, literal)
     max_distance = None
     if min_score is not None:
         max_distance = metric.max_distance(min_score)
@@ -194,7 +202,7 @@ def build(queryset, vector, field, *, k, min_score, options):
         query.add_deferred_loading([field.name])
     if k is not None:
         query.set_limits(high=k)
-    key = (field.model, field.name, field.fingerprint, by_chunk, max_distance)
+    key = (slot.key, slot.fingerprint, by_chunk, max_distance)
     query.search_shape = SearchShape(key, unfiltered, len(query.where.children), query.annotations)
     searched._search_plan = SearchPlan(field, options)
     return searched
@@ -240,7 +248,7 @@ def index_settings(queryset):
             rows = table_rows(queryset.db, model)
         else:
             rows = planned_rows(queryset.db, row_filters(query))
-        return scan_estimate(rows, queryset.db, model, chunk_search and chunk_search.chunk_model)
+        return scan_estimate(rows, queryset.db, model, chunk_search and chunk_search.table)
 
     limit = query.high_mark
     scan_rows = limit * CHUNKS_PER_RESULT if chunk_search is not None and limit is not None else limit

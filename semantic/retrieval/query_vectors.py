@@ -16,7 +16,7 @@ QUERY_VECTORS_IN_PROCESS = 1024
 
 
 def embed_query(field, query):
-    """The query's embedding under ``field``'s encoder.
+    """The query's embedding under ``field``'s encoder (a field's declared one, or a slot's: semantic.slots).
 
     Looked up in this process's recent queries, then in the query vectors'
     cache (semantic.cache, its own short-lived key space), and only then
@@ -47,13 +47,13 @@ def forget_query_vectors():
     _QUERY_VECTORS.clear()
 
 
-def as_query_vector(vector, field):
-    """``vector`` as a 1-d float32 array of ``field``'s dimensions; ValueError otherwise."""
+def as_query_vector(vector, slot):
+    """``vector`` as a 1-d float32 array of ``slot``'s dimensions (semantic.slots); ValueError otherwise."""
     array = np.asarray(vector, dtype=np.float32)
-    if array.ndim != 1 or (field.dimensions and array.shape[0] != field.dimensions):
+    if array.ndim != 1 or (slot.dimensions and array.shape[0] != slot.dimensions):
         raise ValueError(
-            f"{field.model.__name__}.{field.name} holds {field.dimensions}-dimensional vectors; "
-            f"the query vector has shape {array.shape}."
+            f"{slot.field.model.__name__}.{slot.field.name} holds {slot.dimensions}-dimensional vectors"
+            f"{' (its next slot, promoted)' if slot.is_next else ''}; the query vector has shape {array.shape}."
         )
     if not np.isfinite(array).all():
         raise ValueError("The query vector holds NaN or infinite values.")

@@ -11,15 +11,23 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connections
 from django.utils.connection import ConnectionDoesNotExist
 
-from semantic.fields import embedding_fields, get_embedding_field
+from semantic.fields import embedding_fields, field_label, get_embedding_field
 from semantic.status import embedding_fields_on
 
 LABEL_HELP = "app_label.Model or app_label.Model.field, e.g. demo.Article or demo.Article.embedding"
+ONE_FIELD_HELP = "The field: app_label.Model.field (app_label.Model when it has one EmbeddingField)."
 
-
-def field_label(field):
-    """'app_label.Model.field', as the commands print and accept it."""
-    return f"{field.model._meta.label}.{field.name}"
+__all__ = [
+    "LABEL_HELP",
+    "ONE_FIELD_HELP",
+    "SemanticCommand",
+    "field_label",
+    "first_line",
+    "resolve_fields",
+    "resolve_label",
+    "resolve_one_field",
+    "switch_errors",
+]
 
 
 def resolve_label(label):
@@ -38,6 +46,27 @@ def resolve_label(label):
     try:
         return model, get_embedding_field(model, parts[2])
     except ImproperlyConfigured as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def resolve_one_field(label):
+    """The EmbeddingField 'app_label.Model.field' names ('app_label.Model' when the model has one)."""
+    model, field = resolve_label(label)
+    if field is not None:
+        return field
+    try:
+        return get_embedding_field(model)
+    except ImproperlyConfigured as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def switch_errors(action):
+    """``action()``, a switch that cannot go on as asked (semantic.switching.SwitchError) as a CommandError."""
+    from semantic.switching import SwitchError
+
+    try:
+        return action()
+    except SwitchError as exc:
         raise CommandError(str(exc)) from exc
 
 
