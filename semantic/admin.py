@@ -57,7 +57,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from semantic import status
+from semantic import status, switching
 from semantic.fields import EmbeddingField, embedding_fields, get_embedding_field
 
 logger = logging.getLogger("semantic")
@@ -227,6 +227,32 @@ class SemanticChangeList(ChangeList):
             (mode, MODE_LABELS[mode], mode == requested)
             for mode in self.model_admin.get_search_modes(self.search_fields)
         ]
+
+    @property
+    def semantic_switch_note(self):
+        """One line above the list while the searched field is switched to another model (semantic.switching): how far the fill is."""
+        try:
+            field = get_embedding_field(self.model, self.model_admin.semantic_search_field)
+        except ImproperlyConfigured:
+            return ""
+        using = self.queryset.db
+        upcoming = switching.next_slot(field, using)
+        if upcoming is None:
+            return ""
+        counts = upcoming.count_statuses(using)
+        share = counts[status.FRESH] / counts["with_text"] if counts["with_text"] else 1.0
+        live = switching.live_slot(field, using)
+        return format_html(
+            "Switching {} to model {}: {} of {} rows with text embedded ({}), {} pending. Searches use {}{}.",
+            field.name,
+            repr(upcoming.alias),
+            f"{counts[status.FRESH]:,}",
+            f"{counts['with_text']:,}",
+            f"{share:.0%}",
+            f"{counts['pending']:,}",
+            repr(live.alias),
+            " (promoted; semantic_promote --rollback undoes it)" if live.is_next else " until semantic_promote",
+        )
 
     @property
     def semantic_note(self):

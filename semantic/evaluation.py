@@ -247,6 +247,7 @@ def evaluate(
     candidates=None,
     text_fields=None,
     progress=False,
+    slot=None,
 ):
     """Metrics and time per query of each search mode over ``queryset``.
 
@@ -260,6 +261,8 @@ def evaluate(
     used for this evaluation instead of SEMANTIC["RERANKER"].
     ``candidates``: rows the reranker reads per query (default
     SEMANTIC["RERANK_CANDIDATES"]). ``progress``: a tqdm bar per mode.
+    ``slot``: the slot searched (semantic.slots; a switch's next slot, to
+    compare it with the declared one before promoting), default the live one.
 
     Every mode ranks the same rows: those with a current vector (a search
     leaves stale rows out); the full-text baseline is restricted to them too.
@@ -273,6 +276,7 @@ def evaluate(
     """
     from django.core.exceptions import ImproperlyConfigured
 
+    from semantic import switching
     from semantic.fields import get_embedding_field
     from semantic.retrieval.query_vectors import embed_query
     from semantic.rerank import is_reranking_configured
@@ -300,7 +304,9 @@ def evaluate(
             raise ImproperlyConfigured(f"Mode {blocked[0]!r} cannot run: {reasons[blocked[0]]}.")
         run, skipped = [mode for mode in MODES if mode in modes], {}
 
-    searched = queryset.filter(**{f"{embedding_field.vector_hash_attname}__startswith": embedding_field.fingerprint})
+    if slot is None:
+        slot = switching.live_slot(embedding_field, queryset.db)
+    searched = queryset.filter(slot.searchable_q())
     found_ids = {
         str(value)
         for value in searched.filter(
@@ -312,22 +318,25 @@ def evaluate(
 
     started = time.perf_counter()
     for query in queries:
-        embed_query(embedding_field, query.query)
+        embed_query(slot, query.query)
     embed_seconds = time.perf_counter() - started
 
     results = {}
-    for mode in run:
-        rank = _ranker(mode, searched, embedding_field, id_field, depth, candidates, text_fields)
-        with _reranker_override(reranker if mode == "rerank" else None):
-            if mode == "rerank":
-                from semantic.rerank import get_reranker
+    # Every mode searches the slot evaluated, whichever answers the site's searches.
+    with switching.searching(slot):
+        for mode in run:
+            rank = _ranker(mode, searched, embedding_field, id_field, depth, candidates, text_fields)
+            with _reranker_override(reranker if mode == "rerank" else None):
+                if mode == "rerank":
+                    from semantic.rerank import get_reranker
 
-                get_reranker()  # load it before timing
-            rankings, seconds = _run_queries(rank, queries, mode, progress)
-        metrics = score_rankings(rankings, [query.relevant for query in queries], k)
-        results[mode] = {**metrics, "ms_per_query": 1000 * seconds / len(queries), "seconds": seconds}
+                    get_reranker()  # load it before timing
+                rankings, seconds = _run_queries(rank, queries, mode, progress)
+            metrics = score_rankings(rankings, [query.relevant for query in queries], k)
+            results[mode] = {**metrics, "ms_per_query": 1000 * seconds / len(queries), "seconds": seconds}
     return {
         "k": k,
+        "slot": {"alias": slot.alias, "next": slot.is_next, "dimensions": slot.dimensions},
         "queries": len(queries),
         "rows": searched.count(),
         "unreachable": unreachable,

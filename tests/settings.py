@@ -23,6 +23,9 @@ INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp", "tests.searchapp"]
 TEST_MODEL_DIR = BASE_DIR / ".data" / "test-models"
 TINY_MODEL_DIR = TEST_MODEL_DIR / "tiny-bert-32"
 TINY_DIMENSIONS = 32
+# Another tiny model (other weights, other size): what tests switch fields to.
+NEXT_MODEL_DIR = TEST_MODEL_DIR / "tiny-bert-48"
+NEXT_DIMENSIONS = 48
 
 SEMANTIC = {
     "MODELS": {
@@ -32,6 +35,8 @@ SEMANTIC = {
         "tiny_undeclared": {"path": str(TINY_MODEL_DIR)},
         # A 16-token limit: long-text tests get many chunks from short texts.
         "tiny_short": {"path": str(TINY_MODEL_DIR), "dimensions": TINY_DIMENSIONS, "max_seq_length": 16},
+        # The configuration tests switch fields to (semantic.switching).
+        "tiny_next": {"path": str(NEXT_MODEL_DIR), "dimensions": NEXT_DIMENSIONS, "max_seq_length": 48},
     },
     "DEVICE": "cpu",
     "BATCH_SIZE": 16,

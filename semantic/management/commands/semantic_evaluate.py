@@ -1,11 +1,14 @@
 """``manage.py semantic_evaluate``: retrieval quality of each search mode on labelled queries."""
 
 import json
+
 from django.core.management.base import CommandError
 
+from semantic import switching
 from semantic.evaluation import MODE_HELP, MODES, evaluate, format_table, import_callable
 from semantic.fields import get_embedding_field
 from semantic.management.commands._shared import LABEL_HELP, SemanticCommand, field_label, resolve_label
+from semantic.slots import Slot
 
 
 class Command(SemanticCommand):
@@ -43,16 +46,25 @@ class Command(SemanticCommand):
             "--text-fields",
             help="Comma-separated columns for the full-text and hybrid modes (default: the field's source columns).",
         )
+        parser.add_argument(
+            "--compare-next",
+            action="store_true",
+            help="With a label whose field is being switched (semantic_prepare): evaluate its declared and its next "
+            "slot, each searched with its own model, in one table.",
+        )
         parser.add_argument("--json", action="store_true", dest="as_json", help="Print the results as JSON instead of a table.")
 
     def run(self, *args, label=None, queries=None, suite=None, model=None, modes=None, k=10, id_field=None,
-            reranker=None, candidates=None, text_fields=None, as_json=False, database="default", verbosity=1, **options):
+            reranker=None, candidates=None, text_fields=None, as_json=False, database="default", verbosity=1,
+            compare_next=False, **options):
         if suite and (label or queries):
             raise CommandError("Give either --suite or a label with --queries, not both.")
         if not suite and not (label and queries):
             raise CommandError("Give a label and --queries (e.g. demo.Article --queries queries.jsonl), or --suite.")
         if model and not suite:
             raise CommandError("--model only applies to --suite (a label's field already names its model alias).")
+        if compare_next and suite:
+            raise CommandError("--compare-next compares the slots of a field: give its label and --queries, not --suite.")
         if k < 1:
             raise CommandError(f"--k must be at least 1, not {k}.")
         if candidates is not None and candidates < 1:
@@ -76,7 +88,15 @@ class Command(SemanticCommand):
             if not hasattr(queryset, "semantic_search"):
                 raise CommandError(f"{model_class._meta.label}'s default manager is not a SemanticManager.")
             field = embedding_field or get_embedding_field(model_class)
-            result = _evaluate(queryset, queries, field=field.name, id_field=id_field or "pk", **common)
+            if compare_next:
+                upcoming = switching.next_slot(field, database)
+                if upcoming is None:
+                    raise CommandError(f"{field_label(field)} has no switch to compare: semantic_prepare {field_label(field)} --model ALIAS first.")
+                slots = [Slot(field), upcoming]
+                results = [_evaluate(queryset, queries, field=field.name, id_field=id_field or "pk", slot=slot, **common) for slot in slots]
+                result = side_by_side(results)
+            else:
+                result = _evaluate(queryset, queries, field=field.name, id_field=id_field or "pk", **common)
             result["title"] = f"{field_label(field)}, queries from {queries}"
         self.stdout.write(json.dumps(result, indent=2, sort_keys=True) if as_json else render(result))
 
@@ -110,12 +130,36 @@ def _evaluate(queryset, queries, **options):
         raise CommandError(str(exc)) from exc
 
 
+def side_by_side(results):
+    """One result of evaluate() results of a field's slots: each mode's row per slot, named ``mode [alias]``."""
+    combined = {key: results[0][key] for key in ("k", "queries", "metrics", "skipped")}
+    combined["slots"] = [
+        {**result["slot"], "rows": result["rows"], "unreachable": result["unreachable"], "embed_queries_seconds": result["embed_queries_seconds"]}
+        for result in results
+    ]
+    combined["modes"] = {
+        f"{mode} [{result['slot']['alias']}]": result["modes"][mode] for mode in results[0]["modes"] for result in results
+    }
+    return combined
+
+
 def render(result):
-    """The human-readable report of an evaluate() result."""
+    """The human-readable report of an evaluate() result (or of side_by_side's)."""
+    if "slots" in result:
+        counts = [
+            f"{'next' if slot['next'] else 'declared'} {slot['alias']!r} ({slot['dimensions']} dimensions): "
+            f"{slot['rows']} rows with a current vector, {slot['unreachable']} queries with no relevant row among them"
+            for slot in result["slots"]
+        ]
+        summary = f"{result['queries']} queries; " + "; ".join(counts) + "."
+    else:
+        summary = (
+            f"{result['queries']} queries over {result['rows']} rows with a current vector; "
+            f"{result['unreachable']} queries have no relevant row among them."
+        )
     lines = [
         result.get("title", ""),
-        f"{result['queries']} queries over {result['rows']} rows with a current vector; "
-        f"{result['unreachable']} queries have no relevant row among them.",
+        summary,
         "",
         format_table(list(result["modes"].items()), result["metrics"]),
     ]

@@ -9,6 +9,7 @@ from kombu.exceptions import ChannelError
 
 from semantic.conf import semantic_settings
 from semantic.management.commands._shared import LABEL_HELP, SemanticCommand, field_label, first_line, resolve_fields
+from semantic import switching
 from semantic.status import FAILED, FRESH, MISSING, OUTDATED, STALE, failures, field_status
 
 # Failed rows listed with their errors, per field.
@@ -99,7 +100,25 @@ def full_status(field, using):
     status["index"] = vector_indexes(field, field.model, using)
     status["chunk_index"] = vector_indexes(field, field.chunk_model, using) if field.chunk_model else None
     status["cache_hit_rate"] = hit_rate(status["cache"])
+    status["switch"] = switch_status(field, using)
     return status
+
+
+def switch_status(field, using):
+    """The field's switch (semantic.switching): the next slot's alias, size, counts, index; None without one."""
+    state = switching.switch_state(field, using)
+    if state is None:
+        return None
+    slot = switching.next_slot(field, using)
+    return {
+        "alias": slot.alias,
+        "dimensions": slot.dimensions,
+        "live": bool(state[2]),
+        "fingerprint": slot.fingerprint,
+        "index_ready": switching.index_is_ready(slot, using),
+        "chunk_table": slot.chunk_table,
+        **slot.count_statuses(using),
+    }
 
 
 def describe_indexes(indexes, field):
@@ -141,6 +160,18 @@ class Command(SemanticCommand):
         else:
             self.stdout.write(f"Queue {queue['name']!r}: {queue['length']:,} task(s) waiting")
 
+    def write_switch(self, field, switch):
+        write = self.stdout.write
+        share = switch[FRESH] / switch["with_text"] if switch["with_text"] else 1.0
+        live = "promoted: searches use it" if switch["live"] else "filling: searches use the declared model"
+        write(f"  switch       to {switch['alias']!r} ({switch['dimensions']} dimensions), {live}")
+        line = (
+            f"               fresh {switch[FRESH]:,} of {switch['with_text']:,} rows with text ({share:.0%}), "
+            f"pending {switch['pending']:,}, failed {switch[FAILED]:,}; "
+            + ("index ready" if switch["index_ready"] else "index missing or invalid: run semantic_prepare again")
+        )
+        write(self.style.WARNING(line) if switch["pending"] or not switch["index_ready"] else line)
+
     def write_field(self, field, status):
         write = self.stdout.write
         write(self.style.MIGRATE_HEADING(field_label(field)))
@@ -165,6 +196,8 @@ class Command(SemanticCommand):
         write(f"  index        {describe_indexes(status['index'], field)}")
         if status["chunk_index"] is not None:
             write(f"  chunk index  {describe_indexes(status['chunk_index'], field)}")
+        if status["switch"] is not None:
+            self.write_switch(field, status["switch"])
         cache = status["cache"]
         rate = status["cache_hit_rate"]
         rate_text = "no lookups yet" if rate is None else f"{rate:.1%} hit rate"
