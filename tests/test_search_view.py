@@ -210,7 +210,7 @@ def test_the_page_renders_results_escaped_with_their_snippets(notes):
 def test_similar_items_are_the_orm_neighbours_and_cached(notes, django_assert_num_queries):
     target = notes.get(title="The team won the final after extra time")
     expected = pks(Note.objects.similar_to(target, k=4))
-    embedding_cache.delete_key(f"{SIMILAR_PREFIX}testapp.note.embedding:{target.pk}:{target.embedding_vector_hash}:4")
+    embedding_cache.delete_key(f"{SIMILAR_PREFIX}testapp.note.embedding:{target.pk}:{target.embedding_vector_hash}:tiny:4")
     assert pks(similar_items(target, k=4)) == expected
     with django_assert_num_queries(1):  # the rows; the neighbours come from the cache
         assert pks(similar_items(target, k=4)) == expected
@@ -223,7 +223,7 @@ def test_similar_items_are_the_orm_neighbours_and_cached(notes, django_assert_nu
 def test_similar_items_ignore_a_hostile_cached_value(notes):
     target = notes.get(title="The captain lifted the trophy")
     expected = pks(Note.objects.similar_to(target, k=3))
-    key = f"{SIMILAR_PREFIX}testapp.note.embedding:{target.pk}:{target.embedding_vector_hash}:3"
+    key = f"{SIMILAR_PREFIX}testapp.note.embedding:{target.pk}:{target.embedding_vector_hash}:tiny:3"
     for planted in ({"pks": "DROP"}, {"pks": [{"a": 1}]}, {"other": 1}, {"pks": [True]}):
         embedding_cache.set_record(key, planted, 60)
         assert pks(similar_items(target, k=3)) == expected

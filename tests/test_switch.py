@@ -221,6 +221,56 @@ def test_promotion_flips_every_search_to_the_next_model_and_rollback_restores_th
     assert [ranking(Note.objects, query) for query in queries] == before
 
 
+def test_searches_answer_throughout_the_fill_the_promotion_and_the_rollback(switched, settings):
+    """A visitor searching in a loop, on a connection of its own, while the next slot fills and is promoted and rolled back.
+
+    Every search answers, with k rows, and each ranking is the old model's or
+    the new one's: never a shrinking subset, never an error.
+    """
+    import threading
+    import time
+
+    settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
+    make_notes(12, seed=8)
+    fill(Slot(NOTE))
+    query = "storm at the lighthouse"
+    before = tuple(ranking(Note.objects, query))
+    slot = switched(NOTE)
+    stop, seen, errors = threading.Event(), [], []
+
+    def visitor():
+        from django.db import connection as own
+
+        try:
+            while not stop.is_set():
+                seen.append(tuple(ranking(Note.objects, query)))
+        except Exception as exc:  # reported below, by the test's thread
+            errors.append(exc)
+        finally:
+            own.close()
+
+    thread = threading.Thread(target=visitor)
+    thread.start()
+    try:
+        while slot.count_statuses()["pending"]:
+            embed_stale_rows(slot, claim_size=3, time_budget=0)
+        searched_during_fill = len(seen)
+        switching.promote(NOTE)
+        after = tuple(ranking(Note.objects, query))
+        time.sleep(0.3)
+        switching.rollback(NOTE)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert searched_during_fill > 0 and after != before
+    assert set(seen) <= {before, after}
+    assert before in seen and after in seen
+    # Once rolled back, the old ranking again.
+    assert seen[-1] == before
+
+
 def test_a_query_vector_of_the_old_size_is_refused_after_promotion(switched, settings):
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     make_notes(2, seed=4)

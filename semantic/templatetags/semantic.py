@@ -18,6 +18,7 @@ from semantic.fields import get_embedding_field
 from semantic.highlight import highlight, passage
 from semantic.querysets import SemanticQuerySet
 from semantic.retrieval.options import check_k
+from semantic.switching import live_slot
 
 logger = logging.getLogger("semantic")
 register = template.Library()
@@ -42,7 +43,10 @@ def similar_items(obj, k=5, field=None):
     vector_hash = getattr(obj, embedding_field.vector_hash_attname, None)
     if obj.pk is None or not vector_hash:
         return []
-    key = f"{SIMILAR_PREFIX}{model._meta.label_lower}.{embedding_field.name}:{obj.pk}:{vector_hash}:{k}"
+    # The slot searched (semantic.switching) is in the key: a promotion or a
+    # rollback never serves the other model's neighbours.
+    slot = live_slot(embedding_field, obj._state.db or "default")
+    key = f"{SIMILAR_PREFIX}{model._meta.label_lower}.{embedding_field.name}:{obj.pk}:{vector_hash}:{slot.alias}:{k}"
     pks = _cached_pks(key)
     if pks is None:
         try:
