@@ -16,7 +16,10 @@ COPY . .
 RUN DATABASE_URL=postgres://unused/unused REDIS_URL=redis://unused:6379/0 \
     python manage.py collectstatic --noinput
 
-RUN useradd --create-home app
+# /models is the models volume's mount point (docker-compose.yml): a new
+# named volume takes the owner of the image's directory, so app can write
+# the models semantic_finetune trains.
+RUN useradd --create-home app && mkdir /models && chown app:app /models
 USER app
 
 EXPOSE 8000

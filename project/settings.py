@@ -170,6 +170,9 @@ STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
 SEMANTIC = {
+    # Where semantic_finetune writes the models it trains: each is then an
+    # alias by its directory's name, for the web and worker processes alike.
+    "MODELS_DIR": os.environ.get("SEMANTIC_MODELS_DIR", str(BASE_DIR / "models")),
     "DEVICE": os.environ.get("SEMANTIC_DEVICE", "auto"),
     "QUEUE": os.environ.get("SEMANTIC_QUEUE", "semantic"),
     "SEARCH_RATE": os.environ.get("SEARCH_RATE", "30/m"),

@@ -189,14 +189,13 @@ def check_switches(app_configs=None, databases=None, **kwargs):
                 switches = list(Switch.objects.using(using).values_list("field", "alias", "live"))
         except DatabaseError:
             continue  # not migrated yet, or down: nothing to say about it
-        known = set(semantic_settings.MODELS)
         for field, alias, live in switches:
-            if alias in known:
+            if _alias_is_configured(alias):
                 continue
             errors.append(
                 checks.Error(
                     f"The switch of {field} in database {using!r} names model alias {alias!r}, which "
-                    f"SEMANTIC['MODELS'] does not have: its next slot cannot be filled"
+                    f"neither SEMANTIC['MODELS'] nor MODELS_DIR has: its next slot cannot be filled"
                     + (", and every search of the field fails (it is promoted)." if live else "."),
                     hint=(
                         f"Put the alias back in SEMANTIC['MODELS'], or "
@@ -207,6 +206,15 @@ def check_switches(app_configs=None, databases=None, **kwargs):
                 )
             )
     return errors
+
+
+def _alias_is_configured(alias):
+    """Whether ``alias`` is in SEMANTIC["MODELS"] or MODELS_DIR (a broken entry is E010's to report)."""
+    try:
+        semantic_settings.model_config(alias)
+    except ImproperlyConfigured as exc:
+        return not str(exc).startswith("Unknown semantic model alias")
+    return True
 
 
 def _model_location_problem(config):

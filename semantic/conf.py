@@ -12,6 +12,8 @@ access, so importing this module never touches Django settings; the cache is
 dropped when a test changes ``SEMANTIC`` with ``override_settings``.
 """
 
+import re
+
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
@@ -26,6 +28,13 @@ DEFAULTS = {
             "dimensions": 384,
         },
     },
+    # A directory of models the site trained (semantic_finetune writes
+    # there): each subdirectory holding a MODEL_MANIFEST is an alias named
+    # after it, known to every process that reads the directory, without
+    # an entry in MODELS (an entry of the same name wins). None: no such
+    # directory; semantic_finetune then writes to ./models/<alias> and
+    # prints the MODELS entry to add.
+    "MODELS_DIR": None,
     # "auto" picks CUDA, then Apple MPS, then the CPU. Any torch device string
     # ("cpu", "cuda", "cuda:1", "mps") forces one.
     "DEVICE": "auto",
@@ -188,6 +197,21 @@ MODEL_DEFAULTS = {
     "onnx_dir": None,
 }
 
+# The file beside a model in MODELS_DIR that makes its directory an alias:
+# JSON of MODEL_DEFAULTS keys (never "path", "package" or code to run).
+MODEL_MANIFEST = "semantic-model.json"
+# What a directory alias's manifest may set, and the types of its values.
+MANIFEST_KEYS = {
+    "revision": (str, type(None)),
+    "dimensions": int,
+    "query_prefix": str,
+    "document_prefix": str,
+    "normalize": bool,
+    "max_seq_length": (int, type(None)),
+}
+# An alias found in MODELS_DIR is a plain directory name: nothing that walks out of it.
+DIRECTORY_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
 BACKENDS = ("torch", "onnx")
 QUANTIZE_CHOICES = (None, "int8")
 # What the onnx backend needs installed (pinned in requirements.txt).
@@ -228,13 +252,17 @@ class SemanticSettings:
         return self.user_settings.get(name, self._defaults[name])
 
     def model_config(self, alias):
-        """The full settings of one encoder alias, defaults filled in."""
+        """The full settings of one encoder alias, defaults filled in (an alias of MODELS, else of MODELS_DIR)."""
         models = self.MODELS
         if alias not in models:
+            found = directory_alias(self.MODELS_DIR, alias)
+            if found is not None:
+                return found
             known = ", ".join(sorted(models)) or "none"
+            where = f" or a model directory with {MODEL_MANIFEST} in MODELS_DIR ({self.MODELS_DIR})" if self.MODELS_DIR else ""
             raise ImproperlyConfigured(
                 f"Unknown semantic model alias {alias!r}. "
-                f"Aliases in settings.{SETTING_NAME}['MODELS']: {known}."
+                f"Aliases in settings.{SETTING_NAME}['MODELS']: {known}{where}."
             )
         config = dict(MODEL_DEFAULTS)
         config.update(models[alias])
@@ -255,6 +283,52 @@ class SemanticSettings:
 
     def reload(self):
         self._user = None
+
+
+def directory_alias(models_dir, alias):
+    """The config of ``alias`` as a model directory of ``models_dir`` (see MODELS_DIR), or None.
+
+    The manifest is JSON; a key it may not set, or a value of the wrong
+    kind, is ImproperlyConfigured. Read on every call: a model written by
+    another process is found without a restart (aliases are looked up when
+    an encoder loads or a field's fingerprint is computed, not per search).
+    """
+    import json
+    from pathlib import Path
+
+    if not models_dir or not isinstance(alias, str) or not DIRECTORY_ALIAS.fullmatch(alias) or ".." in alias:
+        return None
+    directory = Path(models_dir) / alias
+    manifest = directory / MODEL_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        values = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        raise ImproperlyConfigured(f"{manifest} is not a readable JSON object: {exc}") from exc
+    if not isinstance(values, dict) or set(values) - set(MANIFEST_KEYS):
+        raise ImproperlyConfigured(
+            f"{manifest} may set only {', '.join(MANIFEST_KEYS)}; it has "
+            f"{', '.join(sorted(set(values) - set(MANIFEST_KEYS))) if isinstance(values, dict) else type(values).__name__}."
+        )
+    wrong = [key for key, value in values.items() if isinstance(value, bool) != (MANIFEST_KEYS[key] is bool) or not isinstance(value, MANIFEST_KEYS[key])]
+    if wrong:
+        raise ImproperlyConfigured(f"{manifest}: {', '.join(f'{key}={values[key]!r}' for key in wrong)} is not of the right type.")
+    config = dict(MODEL_DEFAULTS)
+    config.update(values)
+    config["path"] = str(directory)
+    return config
+
+
+def write_model_manifest(directory, values):
+    """Make ``directory`` (a model in MODELS_DIR) an alias: write its manifest of ``values`` (MANIFEST_KEYS only)."""
+    import json
+    from pathlib import Path
+
+    unknown = set(values) - set(MANIFEST_KEYS)
+    if unknown:
+        raise ValueError(f"A model manifest may set only {', '.join(MANIFEST_KEYS)}, not {', '.join(sorted(unknown))}.")
+    (Path(directory) / MODEL_MANIFEST).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def _check_backend(alias, config):

@@ -13,6 +13,7 @@ import json
 import pytest
 from django.conf import settings
 from django.core.management import call_command
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import CommandError
 from django.test import override_settings
 
@@ -195,3 +196,95 @@ def test_train_a_cross_encoder_reranker(tmp_path, pairs_file, tiny_model, loss, 
     with override_settings(SEMANTIC={**settings.SEMANTIC, "RERANKER": {"path": str(output), "max_length": 64}}):
         ranked = get_reranker().rerank("bank news", ["A garden story", "A report about the bank"], text_of=str)
         assert len(ranked) == 2
+
+
+# --- train, check, promote ------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_train_check_promote_is_three_commands_and_search_answers_throughout(tmp_path, pairs_file, tiny_model):
+    """semantic_finetune --prepare writes the model into MODELS_DIR (an alias by its name) and starts the switch."""
+    from sentence_transformers import SentenceTransformer
+
+    from semantic import switching
+    from semantic.conf import MODEL_MANIFEST, semantic_settings
+
+    notes = [Note.objects.create(title=unique_text(q), body=p) for q, p in PAIRS[:6]]
+    embed_stale_rows(NOTE)
+    query = notes[2].title
+    before = list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True))
+    assert len(before) == len(notes)
+    models_dir = tmp_path / "site-models"
+    label = "testapp.Note.embedding"
+    with override_settings(SEMANTIC={**settings.SEMANTIC, "MODELS_DIR": str(models_dir), "SWITCH_POLL_SECONDS": 0}):
+        try:
+            # 1. train: the model goes where every process finds it, and the switch starts.
+            summary = finetune(
+                "--pairs", str(pairs_file), "--base", "tiny", "--alias", "tiny-tuned", "--batch-size", "4",
+                "--eval-split", "0.25", "--prepare", label,
+            )
+            output = models_dir / "tiny-tuned"
+            assert json.loads((output / MODEL_MANIFEST).read_text()) == {"dimensions": settings.TINY_DIMENSIONS}
+            assert semantic_settings.model_config("tiny-tuned")["path"] == str(output)
+            assert "Registered as model alias 'tiny-tuned' (SEMANTIC['MODELS_DIR'])" in summary
+            assert f"Prepared the switch of {label} to 'tiny-tuned'" in summary
+            slot = switching.next_slot(NOTE)
+            assert slot.alias == "tiny-tuned"
+            assert list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True)) == before
+            embed_stale_rows(slot)  # what the workers do
+            assert list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True)) == before
+
+            # 2. check: both slots, each with its model.
+            queries = tmp_path / "queries.jsonl"
+            queries.write_text("".join(json.dumps({"query": n.title, "relevant": [n.pk]}) + "\n" for n in notes))
+            out = io.StringIO()
+            call_command("semantic_evaluate", label, "--queries", str(queries), "--compare-next", "--modes", "exact", "--json", stdout=out)
+            assert set(json.loads(out.getvalue())["modes"]) == {"exact [tiny]", "exact [tiny-tuned]"}
+
+            # 3. promote: every search now ranks by the tuned model.
+            call_command("semantic_promote", label, stdout=io.StringIO())
+            tuned = SentenceTransformer(str(output), device="cpu")
+            found = list(Note.objects.semantic_search(query, k=10, exact=True))
+            assert len(found) == len(notes)
+            vector = tuned.encode(query, normalize_embeddings=True)
+            for row in found:
+                text = NOTE.build_text(row)
+                assert row.score == pytest.approx(float(tuned.encode(text, normalize_embeddings=True) @ vector), abs=1e-4)
+
+            call_command("semantic_promote", label, "--rollback", stdout=io.StringIO())
+            assert list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True)) == before
+        finally:
+            if switching.switch_state(NOTE) is not None:
+                switching.cancel(NOTE)
+            switching.forget_switches()
+
+
+def test_prepare_needs_the_model_where_every_process_finds_it(tmp_path, pairs_file):
+    with pytest.raises(CommandError, match="--prepare needs the model where every process finds it"):
+        finetune("--pairs", str(pairs_file), "--base", "tiny", "--alias", "x", "--output", str(tmp_path / "x"), "--prepare", "testapp.Note")
+    assert not (tmp_path / "x").exists()  # refused before any training
+
+
+def test_a_models_dir_alias_is_found_by_name_and_its_manifest_is_checked(tmp_path):
+    from semantic.conf import MODEL_MANIFEST, directory_alias
+
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / MODEL_MANIFEST).write_text(json.dumps({"dimensions": 8, "query_prefix": "query: "}))
+    config = directory_alias(tmp_path, "good")
+    assert (config["path"], config["dimensions"], config["query_prefix"], config["trust_remote_code"]) == (str(tmp_path / "good"), 8, "query: ", False)
+    assert directory_alias(tmp_path, "missing") is None
+    assert directory_alias(tmp_path, "../good") is None and directory_alias(tmp_path, "good/..") is None
+    assert directory_alias(None, "good") is None
+    for manifest, message in (
+        ({"path": "/elsewhere"}, "may set only"),
+        ({"trust_remote_code": True}, "may set only"),
+        ({"dimensions": "8"}, "not of the right type"),
+        ({"dimensions": True}, "not of the right type"),
+        ([1, 2], "may set only"),
+    ):
+        (tmp_path / "good" / MODEL_MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(ImproperlyConfigured, match=message):
+            directory_alias(tmp_path, "good")
+    (tmp_path / "good" / MODEL_MANIFEST).write_text("{not json")
+    with pytest.raises(ImproperlyConfigured, match="not a readable JSON object"):
+        directory_alias(tmp_path, "good")

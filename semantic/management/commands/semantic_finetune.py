@@ -6,6 +6,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
+from semantic.conf import write_model_manifest
 from semantic.evaluation import evaluate_pairs, format_table, metric_names
 from semantic.training import (
     CROSS_ENCODER_LOSSES,
@@ -47,7 +48,11 @@ class Command(BaseCommand):
             default="default",
             help="The model to start from: an alias of SEMANTIC['MODELS'] or a model directory (default: %(default)s).",
         )
-        parser.add_argument("--output", help="Where to write the model (default: ./models/<alias>).")
+        parser.add_argument(
+            "--output",
+            help="Where to write the model (default: SEMANTIC['MODELS_DIR']/<alias>, where every process finds "
+            "the alias by its name; ./models/<alias> without MODELS_DIR).",
+        )
         parser.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
         parser.add_argument("--epochs", type=int, default=1, help="Passes over the training pairs (default: %(default)s).")
         parser.add_argument("--batch-size", type=int, default=None,
@@ -68,6 +73,13 @@ class Command(BaseCommand):
         held_out.add_argument("--eval-pairs", help="Held-out pairs from a file instead (formats as --pairs).")
         held_out.add_argument("--eval-pairs-from", help="Held-out pairs from a callable instead.")
         parser.add_argument("--seed", type=int, default=0, help="Random seed (default: %(default)s).")
+        parser.add_argument(
+            "--prepare",
+            metavar="LABEL",
+            help="Then start switching this field (app_label.Model.field) to the new model, as semantic_prepare "
+            "does: the workers fill its vectors beside the live ones; semantic_evaluate --compare-next checks, "
+            "semantic_promote switches. The model must be where every process finds it (SEMANTIC['MODELS_DIR']).",
+        )
         reranker = parser.add_argument_group("reranker (--cross-encoder)")
         reranker.add_argument("--cross-encoder", action="store_true",
                               help="Train a cross-encoder reranker instead of the embedding model (from --base's "
@@ -90,11 +102,16 @@ class Command(BaseCommand):
         except (TrainingError, ImproperlyConfigured) as exc:
             raise CommandError(str(exc)) from exc
 
-    def _handle(self, *, alias, base, cross_encoder, verbosity, **options):
+    def _handle(self, *, alias, base, cross_encoder, verbosity, prepare=None, **options):
+        from semantic.conf import semantic_settings
+
         _check_options(options)
         progress = verbosity >= 1
-        output = check_output(options["output"] or Path("models") / alias, options["overwrite"])
+        models_dir = semantic_settings.MODELS_DIR
+        output = check_output(options["output"] or Path(models_dir or "models") / alias, options["overwrite"])
         _check_alias(alias, output, cross_encoder)
+        self.registers = not cross_encoder and models_dir is not None and output.parent == Path(models_dir).resolve()
+        field = self._field_to_prepare(prepare, alias, cross_encoder)
         train, held_out, dropped = self._pairs(options)
         kind = "cross-encoder" if cross_encoder else "bi-encoder"
         self.stdout.write(
@@ -108,6 +125,43 @@ class Command(BaseCommand):
         else:
             summary = self._bi_encoder(alias, base, train, held_out, output, options, progress)
         self.stdout.write(summary)
+        if field is not None:
+            self._prepare(field, alias)
+
+    def _field_to_prepare(self, label, alias, cross_encoder):
+        """The field --prepare names, checked before any training (None without --prepare)."""
+        if label is None:
+            return None
+        from semantic.conf import semantic_settings
+        from semantic.management.commands._shared import resolve_one_field
+
+        if cross_encoder:
+            raise CommandError("--prepare switches an embedding field to a new embedding model: not with --cross-encoder.")
+        if not self.registers and alias not in semantic_settings.MODELS:
+            raise CommandError(
+                "--prepare needs the model where every process finds it: set SEMANTIC['MODELS_DIR'] (and leave "
+                "--output out), or add the alias to SEMANTIC['MODELS'] first."
+            )
+        field = resolve_one_field(label)
+        from semantic import switching
+
+        if switching.switch_state(field) is not None:
+            raise CommandError(f"{label} is already being switched: promote or cancel that switch first.")
+        return field
+
+    def _prepare(self, field, alias):
+        from semantic import switching
+        from semantic.fields import field_label
+
+        slot = switching.prepare(field, alias)
+        name = field_label(field)
+        self.stdout.write(
+            f"Prepared the switch of {name} to {alias!r} ({slot.dimensions} dimensions): the workers fill it "
+            f"while searches keep {field.model_alias!r}.\n"
+            f"  follow:   manage.py semantic_status {name}\n"
+            f"  compare:  manage.py semantic_evaluate {name} --queries FILE --compare-next\n"
+            f"  promote:  manage.py semantic_promote {name}   (undo: --rollback)\n"
+        )
 
     def _pairs(self, options):
         pairs = load_pairs(options["pairs"] or options["pairs_from"])
@@ -136,18 +190,23 @@ class Command(BaseCommand):
             after = _evaluate_bi_encoder(result.model, config, held_out, progress)
             rows.append((f"{alias} (after)", after))
             lines += _comparison(rows, held_out, "exact cosine")
-        entry = {"path": str(output), "dimensions": result.model.get_embedding_dimension()}
+        entry = {"dimensions": result.model.get_embedding_dimension()}
         for key in ("query_prefix", "document_prefix"):
             if config.get(key):
                 entry[key] = config[key]
-        lines += [
-            "",
-            'Register the alias: add to settings.SEMANTIC["MODELS"]:',
-            f"    {json.dumps(alias)}: {json.dumps(entry)},",
-            f'Then point a field at it (EmbeddingField(..., model="{alias}")) and run manage.py semantic_reindex: '
-            "the field's rows are stale from that moment, and searches leave their old vectors out until they "
-            "are re-embedded.",
-        ]
+        if self.registers:
+            write_model_manifest(output, entry)
+            lines += ["", f"Registered as model alias {alias!r} (SEMANTIC['MODELS_DIR']): every process finds it by that name."]
+        else:
+            lines += [
+                "",
+                'Register the alias: add to settings.SEMANTIC["MODELS"]:',
+                f"    {json.dumps(alias)}: {json.dumps({'path': str(output), **entry})},",
+            ]
+        lines.append(
+            f"Switch a field to it without a hole in search: manage.py semantic_prepare app_label.Model.field --model {alias} "
+            "(or --prepare LABEL here), then semantic_promote."
+        )
         return "\n".join(lines) + "\n"
 
     def _cross_encoder(self, alias, base, train, held_out, output, options, progress):
