@@ -112,6 +112,7 @@ class Command(BaseCommand):
         _check_alias(alias, output, cross_encoder)
         self.registers = not cross_encoder and models_dir is not None and output.parent == Path(models_dir).resolve()
         field = self._field_to_prepare(prepare, alias, cross_encoder)
+        self.preparing = field is not None
         train, held_out, dropped = self._pairs(options)
         kind = "cross-encoder" if cross_encoder else "bi-encoder"
         self.stdout.write(
@@ -203,10 +204,11 @@ class Command(BaseCommand):
                 'Register the alias: add to settings.SEMANTIC["MODELS"]:',
                 f"    {json.dumps(alias)}: {json.dumps({'path': str(output), **entry})},",
             ]
-        lines.append(
-            f"Switch a field to it without a hole in search: manage.py semantic_prepare app_label.Model.field --model {alias} "
-            "(or --prepare LABEL here), then semantic_promote."
-        )
+        if not self.preparing:
+            lines.append(
+                f"Switch a field to it without a hole in search: manage.py semantic_prepare app_label.Model.field --model {alias} "
+                "(or --prepare LABEL here), then semantic_promote."
+            )
         return "\n".join(lines) + "\n"
 
     def _cross_encoder(self, alias, base, train, held_out, output, options, progress):
