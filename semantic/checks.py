@@ -198,7 +198,7 @@ def check_switches(app_configs=None, databases=None, **kwargs):
                     f"neither SEMANTIC['MODELS'] nor MODELS_DIR has: its next slot cannot be filled"
                     + (", and every search of the field fails (it is promoted)." if live else "."),
                     hint=(
-                        f"Put the alias back in SEMANTIC['MODELS'], or "
+                        "Put the alias back (SEMANTIC['MODELS'] or MODELS_DIR), or "
                         + ("roll back (semantic_promote --rollback) and " if live else "")
                         + "cancel it (semantic_prepare --cancel)."
                     ),
