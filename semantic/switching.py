@@ -248,6 +248,16 @@ def _create_slot(slot, connection):
                 # the vectors of the next size; LIKE copies no foreign key.
                 cursor.execute(f"CREATE TABLE IF NOT EXISTS {chunks} (LIKE {declared} INCLUDING ALL)")
                 cursor.execute(f"ALTER TABLE {chunks} ALTER COLUMN {embedding} TYPE {slot.vector_type}")
+                # A new type brings its own storage (pgvector's EXTERNAL, which
+                # sends each chunk's vector to TOAST): keep the declared table's
+                # (MAIN, semantic.chunking.InlineStorage). Measured on the demo:
+                # an exact chunk scan read 17,000 buffers instead of 2,200.
+                cursor.execute(
+                    "SELECT attstorage FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s",
+                    [declared, field.chunk_model._meta.get_field("embedding").column],
+                )
+                storage = {"p": "PLAIN", "m": "MAIN", "e": "EXTERNAL", "x": "EXTENDED"}[cursor.fetchone()[0]]
+                cursor.execute(f"ALTER TABLE {chunks} ALTER COLUMN {embedding} SET STORAGE {storage}")
                 fk = qn(_index_name(slot, "owner_fk"))
                 cursor.execute(
                     "SELECT 1 FROM pg_constraint WHERE conname = %s AND conrelid = to_regclass(%s)", [_index_name(slot, "owner_fk"), chunks]

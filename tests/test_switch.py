@@ -309,6 +309,13 @@ def test_a_chunked_field_searches_the_next_slots_chunks(switched, settings):
         cursor.execute(f'SELECT count(*), count(DISTINCT owner_id) FROM "{slot.chunk_table}"')
         chunks, owners = cursor.fetchone()
     assert owners == 5 and chunks > 5
+    with connection.cursor() as cursor:
+        # Vectors kept in the row, as in the declared chunk table (not in TOAST).
+        cursor.execute(
+            "SELECT attrelid::regclass::text, attstorage FROM pg_attribute WHERE attrelid IN (%s::regclass, %s::regclass) AND attname = 'embedding'",
+            [LONG.chunk_model._meta.db_table, slot.chunk_table],
+        )
+        assert {storage for _, storage in cursor.fetchall()} == {"m"}
     switching.promote(LONG)
     found = list(LongNote.objects.semantic_search("harbour ferry", k=3))
     assert len(found) == 3
