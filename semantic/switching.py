@@ -19,7 +19,10 @@ A switch instead fills the new configuration's vectors beside the live ones
    Both slots stay filled for as long as the switch exists, so either
    direction is one statement, and a row edited meanwhile ends fresh in both.
 3. ``cancel(field)`` (``semantic_prepare --cancel``), before promotion, drops
-   the next slot and the row.
+   the next slot and the row. ``finish(field)`` (``semantic_promote
+   --finish``), once the field's code declares the promoted model and its
+   own columns are refilled with it (from the cache), makes them answer
+   again and drops the next slot.
 
 Which slot a search uses is read when the search is built (``live_slot``),
 from the database the search runs on: with every search for a field that
@@ -345,18 +348,59 @@ def rollback(field, using="default"):
 
 def cancel(field, using="default"):
     """Drop ``field``'s next slot (columns, chunk table, index) and its switch; refused once promoted."""
-    connection = connections[using]
     slot = next_slot(field, using)
     with transaction.atomic(using=using):
         switch = _locked_switch(field, using)
         if switch.live:
             raise SwitchError(f"{field_label(field)}'s switch is promoted: roll it back (semantic_promote --rollback) before cancelling.")
         switch.delete()
-        qn = connection.ops.quote_name
-        columns = ", ".join(f"DROP COLUMN IF EXISTS {qn(slot.column_name(part))}" for part in ("vector", "vector_hash", "guard", "error"))
-        with connection.cursor() as cursor:
-            # Dropping the column drops its index.
-            cursor.execute(f"ALTER TABLE {qn(field.model._meta.db_table)} {columns}")
-            if slot.chunked:
-                cursor.execute(f"DROP TABLE IF EXISTS {qn(slot.chunk_table)}")
+        _drop_slot(slot, connections[using])
     forget_switches()
+
+
+def finish(field, using="default"):
+    """End a promoted switch once the field itself declares the promoted model; returns the declared slot's counts.
+
+    After the promotion, point the field at the next alias in code
+    (``model=``; with a migration when the dimensions change, which may
+    clear the column: searches do not read it meanwhile). The declared
+    slot's vectors are then of another model, and the workers re-embed
+    them, from the embedding cache that the next slot's fill filled (no
+    model runs but the tokenizer). Once the declared slot has the next
+    slot's fingerprint and no row pending, ``finish`` makes it answer the
+    searches again and drops the next slot, in one transaction: the same
+    model before and after, so the results do not change. SwitchError
+    otherwise.
+    """
+    slot = next_slot(field, using)
+    declared = Slot(field)
+    with transaction.atomic(using=using):
+        switch = _locked_switch(field, using)
+        label = field_label(field)
+        if not switch.live:
+            raise SwitchError(f"{label}'s switch is not promoted: promote it, or cancel it (semantic_prepare --cancel).")
+        if declared.fingerprint != slot.fingerprint:
+            raise SwitchError(
+                f"{label} still declares {field.model_alias!r}: point the field at {slot.alias!r} "
+                f"(EmbeddingField(model={slot.alias!r})) first, so that its own columns are refilled with the promoted model."
+            )
+        counts = declared.count_statuses(using)
+        if counts["pending"]:
+            raise SwitchError(
+                f"{label}: {counts['pending']:,} rows of the declared slot are still pending (being re-embedded with "
+                f"{slot.alias!r}, from the cache); finish when none is."
+            )
+        switch.delete()
+        _drop_slot(slot, connections[using])
+    forget_switches()
+    return counts
+
+
+def _drop_slot(slot, connection):
+    qn = connection.ops.quote_name
+    columns = ", ".join(f"DROP COLUMN IF EXISTS {qn(slot.column_name(part))}" for part in ("vector", "vector_hash", "guard", "error"))
+    with connection.cursor() as cursor:
+        # Dropping the column drops its index.
+        cursor.execute(f"ALTER TABLE {qn(slot.field.model._meta.db_table)} {columns}")
+        if slot.chunked:
+            cursor.execute(f"DROP TABLE IF EXISTS {qn(slot.chunk_table)}")

@@ -35,8 +35,10 @@ SEMANTIC = {
         "tiny_undeclared": {"path": str(TINY_MODEL_DIR)},
         # A 16-token limit: long-text tests get many chunks from short texts.
         "tiny_short": {"path": str(TINY_MODEL_DIR), "dimensions": TINY_DIMENSIONS, "max_seq_length": 16},
-        # The configuration tests switch fields to (semantic.switching).
+        # The configuration tests switch fields to (semantic.switching), and
+        # one of the same size (the tiny model under another revision).
         "tiny_next": {"path": str(NEXT_MODEL_DIR), "dimensions": NEXT_DIMENSIONS, "max_seq_length": 48},
+        "tiny_revised": {"path": str(TINY_MODEL_DIR), "dimensions": TINY_DIMENSIONS, "revision": "revised"},
     },
     "DEVICE": "cpu",
     "BATCH_SIZE": 16,

@@ -560,3 +560,49 @@ def test_a_switch_to_an_alias_the_settings_lost_is_a_checked_error():
     finally:
         Switch.objects.all().delete()
         switching.forget_switches()
+
+
+# --- finishing: the field declares the promoted model -------------------------------------
+
+
+def test_finish_refills_the_declared_columns_from_the_cache_and_drops_the_next_slot(switched, settings, stats_delta):
+    """Switch to a model of the same size, promote, declare it in code: the declared slot is refilled without
+    running the model, and finishing changes no result."""
+    from django.test import override_settings
+
+    settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
+    make_notes(6, seed=61)
+    fill(Slot(NOTE))
+    slot = switched(NOTE, "tiny_revised")
+    with pytest.raises(switching.SwitchError, match="not promoted"):
+        switching.finish(NOTE)
+    fill(slot)
+    switching.promote(NOTE)
+    with pytest.raises(switching.SwitchError, match="still declares 'tiny'"):
+        switching.finish(NOTE)
+    query = "frost on the orchard"
+    promoted = ranking(Note.objects, query)
+
+    # The code now says what the switch promoted (here: the alias the field names gets the revised configuration).
+    revised = {**settings.SEMANTIC["MODELS"], "tiny": settings.SEMANTIC["MODELS"]["tiny_revised"]}
+    with override_settings(SEMANTIC={**settings.SEMANTIC, "MODELS": revised}):
+        assert Slot(NOTE).fingerprint == slot.fingerprint
+        assert Slot(NOTE).count_statuses()["outdated"] == 6
+        with pytest.raises(switching.SwitchError, match="6 rows of the declared slot are still pending"):
+            switching.finish(NOTE)
+        assert ranking(Note.objects, query) == promoted  # the next slot answers meanwhile
+        encoded = stats_delta()["texts_encoded"]
+        fill(Slot(NOTE))
+        assert stats_delta()["texts_encoded"] == encoded  # every vector came from the cache
+        counts = switching.finish(NOTE)
+        assert counts["fresh"] == 6
+        assert switching.switch_state(NOTE) is None and not switching.live_slot(NOTE).is_next
+        assert ranking(Note.objects, query) == promoted
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass AND attname LIKE %s AND NOT attisdropped",
+                [Note._meta.db_table, "%__next%"],
+            )
+            assert cursor.fetchone()[0] == 0
+            cursor.execute("SELECT to_regclass(%s)", [slot.chunk_table])
+            assert cursor.fetchone()[0] is None

@@ -17,10 +17,23 @@ class Command(SemanticCommand):
         action = parser.add_mutually_exclusive_group()
         action.add_argument("--force", action="store_true", help="Promote with rows still pending (they are left out of searches until filled).")
         action.add_argument("--rollback", action="store_true", help="Make the declared slot answer searches again.")
+        action.add_argument(
+            "--finish",
+            action="store_true",
+            help="End a promoted switch once the field declares the promoted model (model=) and its own columns "
+            "are refilled with it: they answer again, and the next slot is dropped.",
+        )
 
-    def run(self, *, label, force, rollback, database, **options):
+    def run(self, *, label, force, rollback, finish, database, **options):
         field = resolve_one_field(label)
         name = field_label(field)
+        if finish:
+            counts = switch_errors(lambda: switching.finish(field, database))
+            self.stdout.write(
+                f"Finished: searches of {name} use its own columns ({field.model_alias!r}, {counts['fresh']:,} rows fresh); "
+                f"the next slot is dropped."
+            )
+            return
         if rollback:
             switch_errors(lambda: switching.rollback(field, database))
             self.stdout.write(f"Rolled back: searches of {name} use {field.model_alias!r} again (the declared slot).")
