@@ -19,11 +19,16 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_model():
-    """The tiny random bi-encoder the 'tiny' alias points at."""
+    """The tiny random bi-encoder the 'tiny' alias points at.
+
+    The other one, which 'tiny_next' names (fields are switched to it), is
+    built too: commands run in subprocesses check every alias's directory.
+    """
     from django.conf import settings
 
     from tests.modelfactory import build_tiny_model
 
+    build_tiny_model(settings.NEXT_MODEL_DIR, dimensions=settings.NEXT_DIMENSIONS, seed=1)
     return build_tiny_model(settings.TINY_MODEL_DIR, dimensions=settings.TINY_DIMENSIONS)
 
 
