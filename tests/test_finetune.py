@@ -9,6 +9,7 @@ so only embed_stale_rows, run here, embeds them.
 
 import io
 import json
+import uuid
 
 import pytest
 from django.conf import settings
@@ -209,14 +210,23 @@ def test_train_check_promote_is_three_commands_and_search_answers_throughout(tmp
     from semantic import switching
     from semantic.conf import MODEL_MANIFEST, semantic_settings
 
-    notes = [Note.objects.create(title=unique_text(q), body=p) for q, p in PAIRS[:6]]
-    embed_stale_rows(NOTE)
-    query = notes[2].title
-    before = list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True))
-    assert len(before) == len(notes)
+    from semantic.slots import Slot
+    from tests.conftest import wait_until
+
+    def embed_all(slot):
+        """Embed until nothing of ``slot`` is pending (rows the session's Celery worker holds included)."""
+        wait_until(lambda: embed_stale_rows(slot).claimed == 0 and slot.count_statuses()["pending"] == 0, message=f"{slot} filled")
+
     models_dir = tmp_path / "site-models"
     label = "testapp.Note.embedding"
-    with override_settings(SEMANTIC={**settings.SEMANTIC, "MODELS_DIR": str(models_dir), "SWITCH_POLL_SECONDS": 0}):
+    # Wake-ups to a queue of the test's own: this test runs the worker's steps itself.
+    queue = f"semantic-recipe-{uuid.uuid4().hex[:8]}"
+    with override_settings(SEMANTIC={**settings.SEMANTIC, "MODELS_DIR": str(models_dir), "SWITCH_POLL_SECONDS": 0, "QUEUE": queue}):
+        notes = [Note.objects.create(title=unique_text(q), body=p) for q, p in PAIRS[:6]]
+        embed_all(Slot(NOTE))
+        query = notes[2].title
+        before = list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True))
+        assert len(before) == len(notes)
         try:
             # 1. train: the model goes where every process finds it, and the switch starts.
             summary = finetune(
@@ -231,7 +241,7 @@ def test_train_check_promote_is_three_commands_and_search_answers_throughout(tmp
             slot = switching.next_slot(NOTE)
             assert slot.alias == "tiny-tuned"
             assert list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True)) == before
-            embed_stale_rows(slot)  # what the workers do
+            embed_all(slot)  # what the workers do
             assert list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True)) == before
 
             # 2. check: both slots, each with its model.
@@ -257,6 +267,9 @@ def test_train_check_promote_is_three_commands_and_search_answers_throughout(tmp
             if switching.switch_state(NOTE) is not None:
                 switching.cancel(NOTE)
             switching.forget_switches()
+            from tests.workers import purge
+
+            purge(queue)
 
 
 def test_prepare_needs_the_model_where_every_process_finds_it(tmp_path, pairs_file):
