@@ -236,12 +236,11 @@ class SemanticChangeList(ChangeList):
         except ImproperlyConfigured:
             return ""
         using = self.queryset.db
-        upcoming = switching.next_slot(field, using)
+        upcoming, live = switching.switch_slots(field, using)
         if upcoming is None:
             return ""
         counts = upcoming.count_statuses(using)
         share = counts[status.FRESH] / counts["with_text"] if counts["with_text"] else 1.0
-        live = switching.live_slot(field, using)
         return format_html(
             "Switching {} to model {}: {} of {} rows with text embedded ({}), {} pending. Searches use {}{}.",
             field.name,

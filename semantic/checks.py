@@ -7,7 +7,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, ProgrammingError, connections, transaction
 
-from semantic.conf import semantic_settings
+from semantic.conf import directory_alias, semantic_settings
 from semantic.status import FAILED, OUTDATED, count_statuses, embedding_fields_on
 from semantic.triggers import installed_triggers, missing_triggers, wanted_triggers
 
@@ -209,12 +209,13 @@ def check_switches(app_configs=None, databases=None, **kwargs):
 
 
 def _alias_is_configured(alias):
-    """Whether ``alias`` is in SEMANTIC["MODELS"] or MODELS_DIR (a broken entry is E010's to report)."""
+    """Whether ``alias`` is in SEMANTIC["MODELS"] or MODELS_DIR (a broken entry is reported when it loads)."""
+    if alias in semantic_settings.MODELS:
+        return True
     try:
-        semantic_settings.model_config(alias)
-    except ImproperlyConfigured as exc:
-        return not str(exc).startswith("Unknown semantic model alias")
-    return True
+        return directory_alias(semantic_settings.MODELS_DIR, alias) is not None
+    except ImproperlyConfigured:
+        return True  # its directory is there, with a manifest that does not parse
 
 
 def _model_location_problem(config):

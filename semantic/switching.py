@@ -103,10 +103,22 @@ def switch_state(field, using="default"):
     return row
 
 
+def switch_slots(field, using="default"):
+    """``(next slot or None, the slot that answers searches)`` of ``field``, from one read of its switch.
+
+    The slot answering is the next one once promoted, else the declared
+    one (whatever ``searching`` chooses: see ``live_slot``).
+    """
+    state = switch_state(field, using)
+    if state is None:
+        return None, Slot(field)
+    upcoming = NextSlot(field, state[0], state[1])
+    return upcoming, upcoming if state[2] else Slot(field)
+
+
 def next_slot(field, using="default"):
     """The field's next slot in ``using``, or None when it has no switch."""
-    state = switch_state(field, using)
-    return None if state is None else NextSlot(field, state[0], state[1])
+    return switch_slots(field, using)[0]
 
 
 _chosen = contextvars.ContextVar("semantic_chosen_slots", default=None)
@@ -132,19 +144,15 @@ def live_slot(field, using="default"):
     chosen = _chosen.get()
     if chosen and (field.model, field.name) in chosen:
         return chosen[(field.model, field.name)]
-    state = switch_state(field, using)
-    if state is not None and state[2]:
-        return NextSlot(field, state[0], state[1])
-    return Slot(field)
+    return switch_slots(field, using)[1]
 
 
 def filling_slots(field, using="default"):
     """The slots a worker keeps fresh for ``field``: the live one first, then the other if there is a switch."""
-    state = switch_state(field, using)
-    if state is None:
-        return [Slot(field)]
-    slots = [Slot(field), NextSlot(field, state[0], state[1])]
-    return slots[::-1] if state[2] else slots
+    upcoming, live = switch_slots(field, using)
+    if upcoming is None:
+        return [live]
+    return [live, Slot(field) if live.is_next else upcoming]
 
 
 # --- the steps -------------------------------------------------------------------------------

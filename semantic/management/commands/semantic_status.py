@@ -106,14 +106,13 @@ def full_status(field, using):
 
 def switch_status(field, using):
     """The field's switch (semantic.switching): the next slot's alias, size, counts, index; None without one."""
-    state = switching.switch_state(field, using)
-    if state is None:
+    slot, live = switching.switch_slots(field, using)
+    if slot is None:
         return None
-    slot = switching.next_slot(field, using)
     return {
         "alias": slot.alias,
         "dimensions": slot.dimensions,
-        "live": bool(state[2]),
+        "live": live.is_next,
         "fingerprint": slot.fingerprint,
         "index_ready": switching.index_is_ready(slot, using),
         "chunk_table": slot.chunk_table,
