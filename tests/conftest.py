@@ -194,11 +194,32 @@ def unique_text(text):
     return f"{text} {uuid.uuid4()}"
 
 
-def pending(field):
-    """Rows of ``field`` a worker would claim now (semantic.status's definition)."""
-    from semantic.status import count_statuses
+def pending(target):
+    """Rows a worker would claim now of ``target``: a slot, or a field's declared slot (semantic.status's definition)."""
+    from semantic.worker import as_slot
 
-    return count_statuses(field)["pending"]
+    return as_slot(target).count_statuses()["pending"]
+
+
+def embed_until_idle(target):
+    """Run the worker here on ``target`` (a slot, or a field's declared slot) until nothing of it is pending.
+
+    Rows the session's Celery worker holds, if it runs, are waited for.
+    """
+    from semantic.worker import embed_stale_rows
+
+    wait_until(lambda: embed_stale_rows(target, time_budget=600).claimed == 0 and pending(target) == 0, message=f"{target} embedded")
+
+
+def other_connection():
+    """A psycopg connection of its own to the test database, in autocommit: another process's view and writes."""
+    import psycopg
+    from django.db import connection
+
+    config = connection.settings_dict
+    return psycopg.connect(
+        dbname=config["NAME"], user=config["USER"], host=config["HOST"], port=config["PORT"] or None, autocommit=True
+    )
 
 
 def store_as_fresh(rows, vectors):

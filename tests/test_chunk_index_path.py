@@ -161,15 +161,14 @@ def test_a_locking_search_by_chunk_locks_its_rows_only(corpus):
     """select_for_update() locks the rows returned, not every row the chunk scan's filter subquery reads."""
     import psycopg
 
+    from tests.conftest import other_connection
+
     ids, _ = corpus
     rows = list(ChunkedPassage.objects.select_for_update().nearest(QUERIES[4], k=K, exact=True))
     assert len({row.pk for row in rows}) == K
     returned = {row.pk for row in rows}
     other = next(pk for pk in ids if pk not in returned)
-    settings = connection.settings_dict
-    with psycopg.connect(
-        dbname=settings["NAME"], user=settings["USER"], host=settings["HOST"], port=settings["PORT"] or None, autocommit=True
-    ) as elsewhere:
+    with other_connection() as elsewhere:
         table = ChunkedPassage._meta.db_table
         elsewhere.execute(f'SELECT id FROM "{table}" WHERE id = %s FOR UPDATE NOWAIT', [other])
         with pytest.raises(psycopg.errors.LockNotAvailable):

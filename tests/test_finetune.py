@@ -211,11 +211,7 @@ def test_train_check_promote_is_three_commands_and_search_answers_throughout(tmp
     from semantic.conf import MODEL_MANIFEST, semantic_settings
 
     from semantic.slots import Slot
-    from tests.conftest import wait_until
-
-    def embed_all(slot):
-        """Embed until nothing of ``slot`` is pending (rows the session's Celery worker holds included)."""
-        wait_until(lambda: embed_stale_rows(slot).claimed == 0 and slot.count_statuses()["pending"] == 0, message=f"{slot} filled")
+    from tests.conftest import embed_until_idle
 
     models_dir = tmp_path / "site-models"
     label = "testapp.Note.embedding"
@@ -223,7 +219,7 @@ def test_train_check_promote_is_three_commands_and_search_answers_throughout(tmp
     queue = f"semantic-recipe-{uuid.uuid4().hex[:8]}"
     with override_settings(SEMANTIC={**settings.SEMANTIC, "MODELS_DIR": str(models_dir), "SWITCH_POLL_SECONDS": 0, "QUEUE": queue}):
         notes = [Note.objects.create(title=unique_text(q), body=p) for q, p in PAIRS[:6]]
-        embed_all(Slot(NOTE))
+        embed_until_idle(Slot(NOTE))
         query = notes[2].title
         before = list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True))
         assert len(before) == len(notes)
@@ -241,7 +237,7 @@ def test_train_check_promote_is_three_commands_and_search_answers_throughout(tmp
             slot = switching.next_slot(NOTE)
             assert slot.alias == "tiny-tuned"
             assert list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True)) == before
-            embed_all(slot)  # what the workers do
+            embed_until_idle(slot)  # what the workers do
             assert list(Note.objects.semantic_search(query, k=10, exact=True).values_list("pk", flat=True)) == before
 
             # 2. check: both slots, each with its model.

@@ -20,8 +20,7 @@ from django.test.utils import CaptureQueriesContext
 
 from semantic.status import FRESH, embedding_status
 from semantic.triggers import install_triggers, installed_triggers
-from semantic.worker import embed_stale_rows
-from tests.conftest import pending, wait_until
+from tests.conftest import embed_until_idle, wait_until
 from tests.testapp.models import Author, Book, Publisher, Review, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -62,8 +61,7 @@ def expected_texts(pk):
 def embed_all():
     """Run the worker here until nothing is pending (rows claimed by the session's Celery worker, if it runs, included)."""
     for field in (EMBEDDING, REVIEWED):
-        embed_stale_rows(field, time_budget=600)
-        wait_until(lambda: pending(field) == 0 or embed_stale_rows(field, time_budget=600) and False, message="nothing pending")
+        embed_until_idle(field)
 
 
 def statuses(field):

@@ -29,6 +29,7 @@ from semantic import switching
 from semantic.slots import NextSlot, Slot
 from semantic.status import FRESH, NO_TEXT, STATES
 from semantic.worker import embed_stale_rows
+from tests.conftest import embed_until_idle, other_connection, wait_until
 from tests.modelfactory import build_tiny_model
 from tests.testapp.models import LongNote, Note, TruncatedNote
 
@@ -114,27 +115,13 @@ def note_text(note):
     return NOTE.build_text(note)
 
 
-def fill(slot):
-    """Run the worker on ``slot`` until nothing of it is pending."""
-    for _ in range(50):
-        embed_stale_rows(slot, time_budget=600)
-        if not slot.count_statuses()["pending"]:
-            return
-    pytest.fail(f"{slot} still has pending rows")
-
-
 def ranking(queryset, query, **options):
     return [row.pk for row in queryset.semantic_search(query, k=5, exact=True, **options)]
 
 
 def elsewhere(sql, params):
     """Run ``sql`` on a connection of its own, committed at once (another process's write)."""
-    import psycopg
-
-    config = connection.settings_dict
-    with psycopg.connect(
-        dbname=config["NAME"], user=config["USER"], host=config["HOST"], port=config["PORT"] or None, autocommit=True
-    ) as other:
+    with other_connection() as other:
         other.execute(sql, params)
 
 
@@ -148,7 +135,7 @@ def next_vector(note):
 
 def test_prepare_adds_the_next_slot_with_its_index_and_nothing_in_search_changes(switched):
     make_notes(6)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     queries = ["storm at the lighthouse", "apple orchard in frost", "climbers on the summit"]
     before = [ranking(Note.objects, query) for query in queries]
 
@@ -170,7 +157,7 @@ def test_prepare_adds_the_next_slot_with_its_index_and_nothing_in_search_changes
 
 def test_a_search_during_the_fill_returns_what_it_returned_before(switched):
     make_notes(12, seed=1)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     queries = ["ferry timetable", "glacier rope", "cider and apples"]
     before = [ranking(Note.objects, query) for query in queries]
     slot = switched(NOTE)
@@ -178,7 +165,7 @@ def test_a_search_during_the_fill_returns_what_it_returned_before(switched):
     embed_stale_rows(slot, claim_size=5, time_budget=0)
     assert 0 < slot.count_statuses()["fresh"] < 12
     assert [ranking(Note.objects, query) for query in queries] == before
-    fill(slot)
+    embed_until_idle(slot)
     assert [ranking(Note.objects, query) for query in queries] == before
 
 
@@ -196,7 +183,7 @@ def test_prepare_refuses_the_declared_configuration_and_a_second_switch(switched
 def test_promotion_refuses_while_rows_are_pending_and_force_overrides(switched, settings):
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     make_notes(4, seed=2)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     with pytest.raises(switching.SwitchError, match="no switch"):
         switching.promote(NOTE)
     switched(NOTE)
@@ -212,11 +199,11 @@ def test_promotion_refuses_while_rows_are_pending_and_force_overrides(switched, 
 def test_promotion_flips_every_search_to_the_next_model_and_rollback_restores_the_old_results(switched, encoders, settings):
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     notes = make_notes(10, seed=3)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     queries = ["lighthouse keeper in a storm", "frost on the orchard", "rope for the summit"]
     before = [ranking(Note.objects, query) for query in queries]
     slot = switched(NOTE)
-    fill(slot)
+    embed_until_idle(slot)
     built_before = Note.objects.semantic_search(queries[0], k=5, exact=True)
 
     counts = switching.promote(NOTE)
@@ -253,7 +240,7 @@ def test_searches_answer_throughout_the_fill_the_promotion_and_the_rollback(swit
 
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     make_notes(12, seed=8)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     query = "storm at the lighthouse"
     before = tuple(ranking(Note.objects, query))
     slot = switched(NOTE)
@@ -295,8 +282,8 @@ def test_searches_answer_throughout_the_fill_the_promotion_and_the_rollback(swit
 def test_a_query_vector_of_the_old_size_is_refused_after_promotion(switched, settings):
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     make_notes(2, seed=4)
-    fill(Slot(NOTE))
-    fill(switched(NOTE))
+    embed_until_idle(Slot(NOTE))
+    embed_until_idle(switched(NOTE))
     switching.promote(NOTE)
     with pytest.raises(ValueError, match="48-dimensional vectors \\(its next slot, promoted\\)"):
         Note.objects.nearest(np.ones(settings.TINY_DIMENSIONS), k=3)
@@ -307,8 +294,8 @@ def test_a_process_learns_of_a_promotion_at_its_next_search(switched, settings):
     """Once a field has a switch, each search reads it: another connection's promotion is seen at once."""
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     make_notes(3, seed=5)
-    fill(Slot(NOTE))
-    fill(switched(NOTE))
+    embed_until_idle(Slot(NOTE))
+    embed_until_idle(switched(NOTE))
     assert not switching.live_slot(NOTE).is_next
     with connection.cursor() as cursor:  # as another process would: not through this module
         cursor.execute("UPDATE semantic_switch SET live = true WHERE field = %s", ["testapp.Note.embedding"])
@@ -323,9 +310,9 @@ def test_a_chunked_field_searches_the_next_slots_chunks(switched, settings):
     rng = random.Random(6)
     for _ in range(5):
         LongNote.objects.create(title=sentence(rng, 3), body=" ".join(sentence(rng, 8) for _ in range(4)))
-    fill(Slot(LONG))
+    embed_until_idle(Slot(LONG))
     slot = switched(LONG)
-    fill(slot)
+    embed_until_idle(slot)
     with connection.cursor() as cursor:
         cursor.execute(f'SELECT count(*), count(DISTINCT owner_id) FROM "{slot.chunk_table}"')
         chunks, owners = cursor.fetchone()
@@ -356,10 +343,10 @@ def test_a_chunked_field_searches_the_next_slots_chunks(switched, settings):
 def test_a_field_without_chunks_switches_its_row_vectors(switched, encoders, settings):
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     rows = [TruncatedNote.objects.create(body=sentence(random.Random(seed), 6)) for seed in range(4)]
-    fill(Slot(TRUNCATED))
+    embed_until_idle(Slot(TRUNCATED))
     slot = switched(TRUNCATED)
     assert slot.chunk_table is None
-    fill(slot)
+    embed_until_idle(slot)
     switching.promote(TRUNCATED)
     query = "glacier summit"
     found = [row.pk for row in TruncatedNote.objects.semantic_search(query, k=4, exact=True)]
@@ -404,7 +391,7 @@ def test_rows_edited_during_the_fill_end_fresh_in_both_slots(switched, encoders,
     """Seeded edits (saves, update(), emptied texts, deletes, creates) between partial worker batches of both slots."""
     rng = random.Random(seed)
     make_notes(8, seed=seed)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     switched(NOTE)
     slots = [Slot(NOTE), switching.next_slot(NOTE)]
     for _ in range(25):
@@ -425,7 +412,7 @@ def test_rows_edited_during_the_fill_end_fresh_in_both_slots(switched, encoders,
         else:
             embed_stale_rows(rng.choice(slots), claim_size=rng.randint(1, 4), time_budget=0)
     for slot in slots:
-        fill(slot)
+        embed_until_idle(slot)
     assert_fresh_in_both_slots_with_their_models(encoders)
 
 
@@ -434,7 +421,7 @@ def test_an_edit_made_while_the_next_slot_encodes_is_not_given_the_old_texts_vec
     from semantic.worker import RowWriter, claim, encode_pieces, read_and_plan
 
     note = make_notes(1, seed=21)[0]
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     slot = switched(NOTE)
     from django.db import transaction
 
@@ -449,34 +436,32 @@ def test_an_edit_made_while_the_next_slot_encodes_is_not_given_the_old_texts_vec
         )
     assert written == []
     assert slot.count_statuses()["pending"] == 1
-    fill(Slot(NOTE))
-    fill(slot)
+    embed_until_idle(Slot(NOTE))
+    embed_until_idle(slot)
     assert_fresh_in_both_slots_with_their_models(encoders)
 
 
 def test_the_next_slots_states_partition_the_rows(switched):
     """Every row is in exactly one state of the next slot, whatever its columns hold."""
     make_notes(5, seed=31)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     slot = switched(NOTE)
     embed_stale_rows(slot, claim_size=2, time_budget=0)
     Note.objects.filter(pk__in=Note.objects.order_by("pk").values("pk")[:1]).update(title="", body="")
     Note.objects.filter(pk__in=Note.objects.order_by("-pk").values("pk")[:1]).update(title="changed")
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     counts = slot.count_statuses()
     assert sum(counts[state] for state in STATES) == counts["rows"] == 5
     # Each row against every state in one statement (one snapshot).
     in_state = {state: Case(When(slot.status_q(state), then=Value(1)), default=Value(0), output_field=IntegerField()) for state in STATES}
     for row in Note.objects.annotate(**in_state).values("pk", *STATES):
         assert sum(row[state] for state in STATES) == 1, row
-    fill(slot)
+    embed_until_idle(slot)
     counts = slot.count_statuses()
     assert counts[FRESH] == 4 and counts[NO_TEXT] == 1
 
 
 def test_a_woken_celery_worker_fills_the_next_slot(switched, celery_worker, encoders):
-    from tests.conftest import wait_until
-
     make_notes(4, seed=41)
     wait_until(lambda: Slot(NOTE).count_statuses()["pending"] == 0, message="the declared slot filled")
     slot = switched(NOTE)  # prepare wakes a worker
@@ -511,7 +496,7 @@ def test_prepare_fill_status_evaluate_promote_and_rollback_from_the_command_line
 
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     notes = make_notes(6, seed=51)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     label = "testapp.Note.embedding"
     try:
         output = call("semantic_prepare", label, "--model", "tiny_next")
@@ -594,11 +579,11 @@ def test_finish_refills_the_declared_columns_from_the_cache_and_drops_the_next_s
 
     settings.SEMANTIC = {**settings.SEMANTIC, "SWITCH_POLL_SECONDS": 0}
     make_notes(6, seed=61)
-    fill(Slot(NOTE))
+    embed_until_idle(Slot(NOTE))
     slot = switched(NOTE, "tiny_revised")
     with pytest.raises(switching.SwitchError, match="not promoted"):
         switching.finish(NOTE)
-    fill(slot)
+    embed_until_idle(slot)
     switching.promote(NOTE)
     with pytest.raises(switching.SwitchError, match="still declares 'tiny'"):
         switching.finish(NOTE)
@@ -614,7 +599,7 @@ def test_finish_refills_the_declared_columns_from_the_cache_and_drops_the_next_s
             switching.finish(NOTE)
         assert ranking(Note.objects, query) == promoted  # the next slot answers meanwhile
         encoded = stats_delta()["texts_encoded"]
-        fill(Slot(NOTE))
+        embed_until_idle(Slot(NOTE))
         assert stats_delta()["texts_encoded"] == encoded  # every vector came from the cache
         counts = switching.finish(NOTE)
         assert counts["fresh"] == 6
